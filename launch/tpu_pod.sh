@@ -58,7 +58,7 @@ fi
 archive=/tmp/bmx-$$.tar.gz
 run tar --exclude=.git --exclude=runs -czf "$archive" -C "$(git rev-parse --show-toplevel 2>/dev/null || pwd)" .
 run "${gcloud_tpu[@]}" scp "$archive" "$name:~/bmx.tar.gz" "${location[@]}" --worker=all
-setup='mkdir -p ~/bmx && tar -xzf ~/bmx.tar.gz -C ~/bmx && cd ~/bmx && pip install -q "jax[tpu]>=0.10,<0.11" -e .'
+setup='mkdir -p ~/bmx && tar -xzf ~/bmx.tar.gz -C ~/bmx && cd ~/bmx && pip install -q "jax[tpu]>=0.10,<0.11" -e ".[gcs]"'
 run "${gcloud_tpu[@]}" ssh "$name" "${location[@]}" --worker=all --command "$setup"
 train="cd ~/bmx && python -m bmx.train --config $(printf '%q' "$config")"
 for override in "${overrides[@]+"${overrides[@]}"}"; do

@@ -17,18 +17,19 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils.epath import Path  # local paths and object stores (gs://…) alike
 from flax import nnx
 from orbax.checkpoint import type_handlers
 
 from bmx.model.config import MistralConfig
 from bmx.model.mistral import Mistral
+from bmx.paths import absolute
 
 METADATA_FILE = "bmx_checkpoint.json"
 PARAMS_DIR = "params"
@@ -102,7 +103,7 @@ def write_checkpoint(directory: str | os.PathLike, config: MistralConfig, params
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.PyTreeCheckpointer()
-    checkpointer.save((directory / PARAMS_DIR).absolute(), params,
+    checkpointer.save(absolute(directory / PARAMS_DIR), params,
                       save_args=jax.tree.map(_save_args, params, is_leaf=lambda x: isinstance(x, LazyArray)))
     metadata = {"format": "bmx", "version": FORMAT_VERSION, "model": config.to_dict()}
     if write_metadata:  # written last: its presence marks a complete checkpoint
@@ -124,7 +125,7 @@ def read_config(directory: str | os.PathLike) -> MistralConfig:
 
 def params_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Nested dict of the stored arrays' metadata (shape, dtype) without reading any data."""
-    metadata = ocp.PyTreeCheckpointer().metadata((Path(directory) / PARAMS_DIR).absolute())
+    metadata = ocp.PyTreeCheckpointer().metadata(absolute(Path(directory) / PARAMS_DIR))
     tree = getattr(metadata, "item_metadata", metadata)
     return getattr(tree, "tree", tree)
 
@@ -135,7 +136,7 @@ def read_params(directory: str | os.PathLike, target: dict[str, Any] | None = No
 
     `target` leaves may be `jax.ShapeDtypeStruct`s with shardings, to restore straight onto a mesh.
     """
-    path = (Path(directory) / PARAMS_DIR).absolute()
+    path = absolute(Path(directory) / PARAMS_DIR)
     checkpointer = ocp.PyTreeCheckpointer()
     if target is None:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params_metadata(directory))
@@ -155,7 +156,7 @@ def open_param(directory: str | os.PathLike, keys: tuple[str, ...]):
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
-    params_dir = (Path(directory) / PARAMS_DIR).absolute()
+    params_dir = absolute(Path(directory) / PARAMS_DIR)
     stored = json.loads((params_dir / "_METADATA").read_text())
     spec = tensorstore_utils.ArrayReadSpec(str(params_dir), ".".join(keys), use_zarr3=stored.get("use_zarr3", False),
                                            use_ocdbt=stored.get("use_ocdbt", True))

@@ -9,14 +9,15 @@ interrupted save is never listed; a listed step that fails to restore is skipped
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from bmx.paths import absolute
 
 log = logging.getLogger("bmx.train")
 
@@ -28,13 +29,13 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training continues
 
 
-def make_manager(run_dir: str | os.PathLike, config: CheckpointConfig) -> ocp.CheckpointManager:
+def make_manager(run_dir: epath.PathLike, config: CheckpointConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep,
         enable_async_checkpointing=config.async_save,
         cleanup_tmp_directories=True,
     )
-    directory = Path(run_dir).absolute() / "checkpoints"
+    directory = absolute(run_dir) / "checkpoints"  # local or gs://…
     return ocp.CheckpointManager(directory, options=options,
                                  item_names=("params", "opt_state", "loader", "meta"))
 
@@ -50,13 +51,13 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state, loader_st
     return manager.save(step, args=args, force=force)
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> Path:
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     """Move an unreadable step aside (kept for inspection) so that step can be saved again."""
-    source = Path(manager.directory) / str(step)
-    target = Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+    source = epath.Path(manager.directory) / str(step)
+    target = epath.Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
     if source.exists() and jax.process_index() == 0:
-        os.rename(source, target)
+        source.rename(target)
     manager.reload()
     return target
 

@@ -6,17 +6,15 @@ Reading order: `train` is the whole story; `bmx.train.setup.build` makes everyth
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -76,7 +74,7 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
 
     `devices`: the devices of the mesh (default: all of them).
     """
-    run_dir = Path(config.run_dir)
+    run_dir = epath.Path(config.run_dir)  # local or an object store (gs://…)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if config.data.path is None:
@@ -163,7 +161,7 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
     return {"step": step, **last}
 
 
-def _write_final_model(run_dir: Path, model_config: MistralConfig, params, export_hf: str | None) -> None:
+def _write_final_model(run_dir: epath.Path, model_config: MistralConfig, params, export_hf: str | None) -> None:
     """`RUN_DIR/model`: a bmx checkpoint of the final parameters; optionally exported to HF too.
 
     Every process writes its shards into one staging directory that process 0 publishes by rename.
@@ -175,12 +173,12 @@ def _write_final_model(run_dir: Path, model_config: MistralConfig, params, expor
     is_main = jax.process_index() == 0
     if not final_dir.exists():
         if is_main and staging.exists():
-            shutil.rmtree(staging)
+            staging.rmtree()
         multihost_utils.sync_global_devices("bmx: final model staging ready")
         write_checkpoint(staging, model_config, params, write_metadata=is_main)
         multihost_utils.sync_global_devices("bmx: final model written")
         if is_main:
-            os.rename(staging, final_dir)
+            staging.rename(final_dir)
     if export_hf and is_main:
         from bmx.convert import bmx_to_hf
 
