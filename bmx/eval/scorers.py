@@ -48,6 +48,12 @@ class LogitsFnScorer:
         self.max_length = max_length
         self.row_multiple = row_multiple
 
+    def module(self):
+        """The scored model itself (sharing the replicated parameters), e.g. for generation."""
+        from flax import nnx
+
+        return nnx.merge(self._graphdef, self._state)
+
     def next_token(self, input_ids, attention_mask, last_index, token_ids) -> NextTokenScores:
         logits = np.asarray(self.logits_fn(input_ids, attention_mask))
         logprobs = _log_softmax(logits[np.arange(len(last_index)), last_index])  # [B, V]
@@ -80,6 +86,7 @@ class JaxModelScorer:
         self.row_multiple = len(devices)
         self.max_length = max_length or model.config.max_position_embeddings
         graphdef, state = nnx.split(model)
+        self._graphdef = graphdef
         replicated = NamedSharding(self.mesh, PartitionSpec())
         rows = NamedSharding(self.mesh, PartitionSpec("data"))
         self._state = jax.device_put(state, replicated)
@@ -87,6 +94,12 @@ class JaxModelScorer:
                                    in_shardings=(replicated, rows, rows, rows, rows), out_shardings=rows)
         self._continuation = jax.jit(partial(_jax_continuation, graphdef),
                                      in_shardings=(replicated, rows, rows, rows, rows, rows), out_shardings=rows)
+
+    def module(self):
+        """The scored model itself (sharing the replicated parameters), e.g. for generation."""
+        from flax import nnx
+
+        return nnx.merge(self._graphdef, self._state)
 
     def next_token(self, input_ids, attention_mask, last_index, token_ids) -> NextTokenScores:
         outputs = self._next_token(self._state, input_ids, attention_mask, last_index, token_ids)

@@ -7,7 +7,7 @@
 from bmx.generate.kv_cache import KVCache
 from bmx.generate.loop import GREEDY, TokenGeneration, generate_token_ids
 from bmx.generate.sampling import Sampling, filter_logits
-from bmx.generate.text import Generation, generate
+from bmx.generate.text import Generation, generate, generate_from_ids
 
-__all__ = ["generate", "generate_token_ids", "Generation", "TokenGeneration", "Sampling", "GREEDY",
-           "filter_logits", "KVCache"]
+__all__ = ["generate", "generate_from_ids", "generate_token_ids", "Generation", "TokenGeneration", "Sampling",
+           "GREEDY", "filter_logits", "KVCache"]

@@ -69,13 +69,22 @@ def generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str], *, ma
              sampling: Sampling = GREEDY, stop: Sequence[str] = (), seed: int = 0, batch_size: int = 8,
              on_text: TextObserver | None = None) -> list[Generation]:
     """Generate a continuation of each prompt. Greedy unless `sampling` says otherwise; `seed` fixes sampling."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
     encoded = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(prompts)]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    generations = generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
+                                    stop=stop, seed=seed, batch_size=batch_size, on_text=on_text)
+    return [Generation(prompt, g.token_ids, g.text, g.finish_reason) for prompt, g in zip(prompts, generations)]
+
+
+def generate_from_ids(model: Mistral, tokenizer: Tokenizer, prompt_ids: Sequence[Sequence[int]], *,
+                      max_new_tokens: int = 256, sampling: Sampling = GREEDY, stop: Sequence[str] = (), seed: int = 0,
+                      batch_size: int = 8, on_text: TextObserver | None = None) -> list[Generation]:
+    """`generate` for prompts already tokenized (BOS included if wanted, truncated as the caller likes)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[Generation | None] = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         members = order[start:start + batch_size]
         streams = [TextStream(tokenizer, stop) for _ in members]
@@ -86,12 +95,13 @@ def generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str], *, ma
                 on_text(members[row], delta, stopped)
             return stopped
 
-        generated = generate_token_ids(model, [encoded[i] for i in members], max_new_tokens=max_new_tokens,
+        generated = generate_token_ids(model, [prompt_ids[i] for i in members], max_new_tokens=max_new_tokens,
                                        eos_ids=[tokenizer.eos_id], sampling=sampling, seed=seed + start,
                                        on_token=observe)
         for row, (index, output) in enumerate(zip(members, generated)):
             text, _ = cut_at_stop(tokenizer.decode(output.token_ids), stop)
             if on_text is not None and output.finish_reason != "stop":
                 on_text(index, streams[row].finish(text), True)
-            results[index] = Generation(prompts[index], output.token_ids, text, output.finish_reason)
+            results[index] = Generation(tokenizer.decode(list(prompt_ids[index])), output.token_ids, text,
+                                        output.finish_reason)
     return results

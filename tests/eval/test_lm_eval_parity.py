@@ -189,11 +189,26 @@ def test_rolling_loglikelihood_matches_the_hf_backend(tiny_eval_model, tiny_hf_d
                                                                     abs=TOLERANCE * 10)
 
 
-def test_generation_is_refused_with_a_reason(tiny_eval_model):
+def test_generate_until_matches_the_hf_backend(tiny_eval_model, tiny_hf_dir, eval_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
     from bmx.eval.harness import BmxLM
 
-    with pytest.raises(NotImplementedError, match="does not generate"):
-        BmxLM(eval_model=tiny_eval_model).generate_until([])
+    # MedQA questions are longer than 128 - 12 tokens, so contexts are left-truncated as well.
+    questions = [q.question for q in load_task("medqa", eval_dir).questions[:4]]
+    greedy = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
+    requests = [Instance(request_type="generate_until", doc={}, arguments=(q, greedy), idx=0) for q in questions]
+    hf = HFLM(pretrained=str(tiny_hf_dir), dtype="float32", device="cpu", batch_size=4, max_length=128)
+    expected = hf.generate_until(requests)
+    middle = len(expected[0]) // 2
+    cut = {"until": [expected[0][middle:middle + 3]], "max_gen_toks": 12}  # a stop string it will produce
+    requests.append(Instance(request_type="generate_until", doc={}, arguments=(questions[0], cut), idx=0))
+    expected += hf.generate_until(requests[-1:])
+    assert len(expected[-1]) < len(expected[0])
+
+    ours = BmxLM(eval_model=_with_max_length(tiny_eval_model, 128)).generate_until(requests, disable_tqdm=True)
+    assert ours == expected, (ours, expected)
 
 
 def _with_max_length(eval_model, max_length):

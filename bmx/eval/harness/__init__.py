@@ -6,9 +6,14 @@ bmx registered) or `import bmx.eval.harness` before `lm_eval.simple_evaluate(mod
 
 Tokenization and scoring follow lm-eval's HF backend: BOS first (as the tokenizer adds it), the
 same context/continuation split (inherited from `TemplateLM`), the same left truncation.
+`generate_until` (tasks with `output_type: generate_until`) runs `bmx.generate` with the HF backend's
+rules: requests grouped by their generation settings, contexts left-truncated to leave room for
+`max_gen_toks`, EOS added to the stop strings, the text cut at the first stop string.
 """
 
 from __future__ import annotations
+
+import json
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -25,13 +30,13 @@ class BmxLM(TemplateLM):
 
     def __init__(self, ckpt: str | None = None, tokenizer: str | None = None, dtype: str | None = None,
                  max_length: int | None = None, tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH,
-                 batch_size=None, device=None, eval_model=None, **unused):
+                 max_gen_toks: int = 256, batch_size=None, device=None, eval_model=None, **unused):
         # `batch_size`/`device` come from lm-eval's CLI for every model: bmx batches by tokens and uses
         # every local device, so they are accepted and ignored. `eval_model`: one already loaded.
         super().__init__()
         if unused:
             raise ValueError(f"--model_args for bmx: unknown argument(s) {sorted(unused)}; expected ckpt, tokenizer, "
-                             "dtype, max_length, tokens_per_batch")
+                             "dtype, max_length, tokens_per_batch, max_gen_toks")
         if eval_model is None:
             if not ckpt:
                 raise ValueError("--model_args for bmx: ckpt=DIR is required (a bmx checkpoint or HF directory)")
@@ -42,6 +47,7 @@ class BmxLM(TemplateLM):
         self.eval_model = eval_model
         self.tokenizer = eval_model.tokenizer
         self.tokens_per_batch = int(tokens_per_batch)
+        self.max_gen_toks = int(max_gen_toks)  # generation length when a task does not set one (lm-eval's default)
 
     @property
     def eot_token_id(self) -> int:
@@ -91,6 +97,40 @@ class BmxLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
         return totals
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError("the bmx lm-eval backend scores (loglikelihood) but does not generate yet: bmx has "
-                                  "no sampling loop; use tasks with output_type multiple_choice or loglikelihood")
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, when a task asks) generation with the HF backend's stop and truncation rules."""
+        groups: dict[str, list[int]] = {}  # requests with the same generation settings run together
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+        texts: list[str] = [""] * len(requests)
+        progress = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for members in groups.values():
+            contexts = [requests[i].args[0] for i in members]
+            for index, text in zip(members, self._generate_group(contexts, requests[members[0]].args[1])):
+                texts[index] = text
+                self.cache_hook.add_partial("generate_until", requests[index].args, text)
+            progress.update(len(members))
+        progress.close()
+        return texts
+
+    def _generate_group(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from bmx.generate import GREEDY, Sampling, generate_from_ids
+
+        settings = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(settings.pop("until", None), eos=self.tokenizer.id_to_piece(self.eot_token_id))
+        max_new_tokens = settings.pop("max_gen_toks")
+        if max_new_tokens >= self.max_length:
+            raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length="
+                             f"{self.max_length} tokens")
+        sampling = GREEDY if not settings.get("do_sample") else Sampling(
+            temperature=float(settings.get("temperature", 1.0)), top_k=int(settings.get("top_k") or 0),
+            top_p=float(settings.get("top_p") or 1.0))
+        prompt_ids = [self.tok_encode(context, left_truncate_len=self.max_length - max_new_tokens)
+                      for context in contexts]
+        rows = max(1, self.tokens_per_batch // (max(map(len, prompt_ids)) + max_new_tokens))
+        generations = generate_from_ids(self.eval_model.scorer.module(), self.tokenizer, prompt_ids,
+                                        max_new_tokens=max_new_tokens, sampling=sampling, stop=until,
+                                        seed=int(settings.get("seed") or 0), batch_size=rows)
+        return [postprocess_generated_text(g.text, until, think_end_token=None) for g in generations]
