@@ -1,4 +1,5 @@
-"""`python -m bmx.data prepare INPUT... --out DIR`: build packed token shards for pretraining."""
+"""`python -m bmx.data prepare INPUT... --out DIR`: packed token shards for pretraining;
+`python -m bmx.data prepare-sft --tasks medqa,... --out DIR`: packed QA examples for fine-tuning."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 from bmx.data.licenses import LICENSE_FILTERS
 from bmx.data.prepare import PrepareSettings, prepare
+from bmx.data.prepare_sft import QUESTION_SPLITS, SFTSettings, prepare_sft
 from bmx.data.sources import InputError
 from bmx.tokenizer import MISTRAL_V01
 
@@ -32,11 +34,38 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sequences-per-shard", type=int, default=None,
                      help="records per ArrayRecord shard (default: about 32M tokens per shard)")
     run.add_argument("--text-field", default="text", help="field holding the text in .jsonl and HF datasets")
+    sft = commands.add_parser("prepare-sft", help="medical QA questions -> packed prompt+answer shards for SFT")
+    sft.add_argument("--tasks", default="medqa", help="comma-separated bmx.eval task names (default medqa)")
+    sft.add_argument("--data-dir", default=None, help="evaluation data folder (default $BMX_EVAL_DATA)")
+    sft.add_argument("--question-split", choices=QUESTION_SPLITS, default="train",
+                     help="train (default), or test: the evaluation questions themselves (demos only)")
+    sft.add_argument("--out", required=True, help="output directory")
+    sft.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sequence (default 2048)")
+    sft.add_argument("--val-fraction", type=float, default=0.05, help="share of examples held out (default 0.05)")
+    sft.add_argument("--all-tokens", action="store_true", help="train on prompt tokens too, not only the answer")
+    sft.add_argument("--tokenizer", default=MISTRAL_V01, help="as for prepare")
     return parser
+
+
+def _prepare_sft(args) -> dict:
+    from bmx.eval.tasks import default_data_dir
+
+    settings = SFTSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                           question_split=args.question_split, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                           answer_only=not args.all_tokens, tokenizer=args.tokenizer)
+    return prepare_sft(args.data_dir or default_data_dir(), args.out, settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "prepare-sft":
+        try:
+            manifest = _prepare_sft(args)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps({key: manifest[key] for key in ("documents", "tokens", "sequences")}))
+        return 0
     settings = PrepareSettings(
         seq_len=args.seq_len, tokenizer=args.tokenizer, licenses=args.licenses, val_fraction=args.val_fraction,
         segment_ids=args.segment_ids, sequences_per_shard=args.sequences_per_shard, text_field=args.text_field,

@@ -25,6 +25,8 @@ Each batch is a dict of numpy arrays for this process's rows:
   for attention masking and RoPE. This is the numbering of grain's own concat-then-split packing
   (`*_segment_ids` from 1, `*_positions` restarting at 0 for a document continued from the
   previous sequence); 0 is left free to mean padding.
+- with a `trainable` field (`bmx.data prepare-sft`): `loss_mask` is also 0 where the next token is
+  not trainable, so only answers (or whatever the preparation marked) are learned.
 """
 
 from __future__ import annotations
@@ -35,19 +37,19 @@ import grain
 import numpy as np
 
 from bmx.data.manifest import count_sequences, read_manifest, record_layout, shard_paths
-from bmx.data.shards import SEGMENT_IDS, decode_record
+from bmx.data.shards import SEGMENT_IDS, TRAINABLE, decode_record
 
 __all__ = ["make_loader", "count_sequences", "read_manifest", "batch_features"]
 
 
 def positions_in_segment(segment_ids: np.ndarray) -> np.ndarray:
-    """[b, L] index of each token within its segment, from [b, L] segment ids."""
+    """[b, L] index of each token within its segment, from [b, L] segment ids (0 on padding, segment 0)."""
     batch, length = segment_ids.shape
     index = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
     starts = np.ones((batch, length), dtype=bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return (index - segment_start).astype(np.int32)
+    return np.where(segment_ids != 0, index - segment_start, 0).astype(np.int32)
 
 
 def batch_features(records: np.ndarray, fields: list[str]) -> dict[str, np.ndarray]:
@@ -63,6 +65,8 @@ def batch_features(records: np.ndarray, fields: list[str]) -> dict[str, np.ndarr
         loss_mask[:, :-1] *= segment_ids[:, 1:] == segment_ids[:, :-1]
         features["segment_ids"] = segment_ids
         features["positions"] = positions_in_segment(segment_ids)
+    if TRAINABLE in fields:  # fine-tuning data: only the marked next tokens (e.g. answers) count
+        loss_mask[:, :-1] *= records[:, fields.index(TRAINABLE), 1:] != 0
     return features
 
 

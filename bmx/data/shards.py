@@ -1,7 +1,8 @@
 """ArrayRecord shards of packed sequences: the record layout, and writing a shard atomically.
 
 Each record is one sequence: a [num_fields, seq_len] array of `dtype` in row-major little-endian
-bytes, the fields being `tokens` and, when asked for, `segment_ids`. ArrayRecord is written with
+bytes, the fields being `tokens` and, when asked for, `segment_ids` (and, for fine-tuning data,
+`trainable`: 1 on the tokens worth predicting, e.g. answers). ArrayRecord is written with
 `group_size:1` so that grain can read any record without decompressing its neighbours (random access
 is what a global shuffle needs). A shard is written as `<name>.tmp` and renamed when complete, so a
 shard with its final name is always whole.
@@ -17,7 +18,7 @@ import numpy as np
 
 ARRAY_RECORD_OPTIONS = "group_size:1"
 SHARD_SUFFIX = ".array_record"
-TOKENS, SEGMENT_IDS = "tokens", "segment_ids"
+TOKENS, SEGMENT_IDS, TRAINABLE = "tokens", "segment_ids", "trainable"
 
 
 def record_dtype(vocab_size: int, seq_len: int) -> np.dtype:

@@ -65,12 +65,13 @@ def next_token_loss_mask(trainable: np.ndarray, segment_ids: np.ndarray) -> np.n
     return loss_mask
 
 
-def pack_examples(examples: Iterable[TokenizedExample], seq_len: int, *, answer_only: bool = True,
-                  pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack_rows(examples: Iterable[TokenizedExample], seq_len: int, *, answer_only: bool = True,
+              pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pack examples in order into rows of `seq_len` (an example never straddles two rows).
 
-    Returns `inputs`, `targets` (inputs shifted left), `loss_mask`, `segment_ids` (1, 2, ... per
-    example in a row, 0 on padding) and `positions` (restarting at 0 per example), each `[rows, seq_len]`.
+    Returns `(tokens, trainable, segment_ids)`, each int32 `[rows, seq_len]`: `trainable` marks the
+    tokens worth predicting (the answers, or every real token); segment ids run 1, 2, ... per example
+    in a row, 0 on padding. This is what `bmx.data prepare-sft` stores per record.
     """
     rows: list[list[TokenizedExample]] = []
     used = seq_len
@@ -84,23 +85,31 @@ def pack_examples(examples: Iterable[TokenizedExample], seq_len: int, *, answer_
         rows[-1].append(example)
         used += length
     shape = (len(rows), seq_len)
-    inputs = np.full(shape, pad_id, np.int32)
+    tokens = np.full(shape, pad_id, np.int32)
     trainable = np.zeros(shape, np.int32)
     segment_ids = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32)
     for row, members in enumerate(rows):
         start = 0
         for segment, example in enumerate(members, 1):
             end = start + len(example.token_ids)
-            inputs[row, start:end] = example.token_ids
+            tokens[row, start:end] = example.token_ids
             trainable[row, start:end] = example.answer_mask if answer_only else 1
             segment_ids[row, start:end] = segment
-            positions[row, start:end] = np.arange(end - start)
             start = end
+    return tokens, trainable, segment_ids
+
+
+def pack_examples(examples: Iterable[TokenizedExample], seq_len: int, *, answer_only: bool = True,
+                  pad_id: int = 0) -> dict[str, np.ndarray]:
+    """`pack_rows` in the trainer's batch layout: `inputs`, `targets` (inputs shifted left), `loss_mask`,
+    `segment_ids` and `positions` (restarting at 0 per example), each `[rows, seq_len]`."""
+    from bmx.data.loader import positions_in_segment
+
+    inputs, trainable, segment_ids = pack_rows(examples, seq_len, answer_only=answer_only, pad_id=pad_id)
     targets = np.zeros_like(inputs)
     targets[:, :-1] = inputs[:, 1:]
     return {"inputs": inputs, "targets": targets, "loss_mask": next_token_loss_mask(trainable, segment_ids),
-            "segment_ids": segment_ids, "positions": positions}
+            "segment_ids": segment_ids, "positions": positions_in_segment(segment_ids)}
 
 
 def qa_sft_rows(tokenizer: Tokenizer, questions: Iterable[Question], seq_len: int, *,

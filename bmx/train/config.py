@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bmx.distributed import DistributedConfig
+from bmx.lora.config import LoRAConfig
 from bmx.train.checkpointing import CheckpointConfig
 from bmx.train.mesh import MeshConfig
 from bmx.train.optimizer import OptimizerConfig, ScheduleConfig
@@ -20,6 +21,7 @@ class ModelConfig:
     dtype: DType | None = None  # computation dtype; default bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: DType = "float32"  # master weights and optimizer state
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attention: Literal["xla", "cudnn", "splash"] | None = None  # None: splash on TPU, cudnn on GPU, else xla
 
 
 @dataclass
@@ -60,6 +62,7 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
+    task: Literal["pretrain", "sft"] = "pretrain"  # sft: LoRA adapters on a frozen `init.from` (see `lora`)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -70,4 +73,5 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: InitConfig = field(default_factory=InitConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapters trained when task is sft
     export_hf: str | None = None  # write the final model as a Hugging Face directory here

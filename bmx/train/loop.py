@@ -58,12 +58,13 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _evaluate(eval_step, params, config: RunConfig, sharding) -> dict[str, float]:
+def _evaluate(eval_step, params, frozen_args: tuple, config: RunConfig, sharding) -> dict[str, float]:
     loader = make_loader(config.data.path, split="validation", global_batch_size=config.train.global_batch_size,
                          seed=0, num_epochs=1)
     loss_total, tokens = 0.0, 0.0
     for _, local_batch in zip(range(config.train.eval_batches), loader):
-        loss_sum, count = eval_step(params, _global_batch(local_batch, sharding, config.train.global_batch_size))
+        loss_sum, count = eval_step(params, _global_batch(local_batch, sharding, config.train.global_batch_size),
+                                    *frozen_args)
         loss_total, tokens = loss_total + float(loss_sum), tokens + float(count)
     mean = loss_total / max(tokens, 1.0)
     return {"eval_loss": mean, "eval_perplexity": float(np.exp(mean)), "eval_tokens": tokens}
@@ -95,13 +96,20 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
     restored = checkpointing.restore_latest(manager, setup.abstract_params, setup.abstract_opt_state)
     loader = make_loader(config.data.path, split="train", global_batch_size=config.train.global_batch_size,
                          seed=config.data.seed, num_epochs=config.data.num_epochs)
+    frozen = None  # sft: the base model under the adapters, read from init.from on every (re)start
+    if setup.attach_adapters is not None:
+        base = read_params(config.init.from_, setup.abstract_base, dtype=jnp.dtype(config.model.param_dtype))
+        initial_adapters, frozen = setup.attach_adapters(base)
+    frozen_args = () if frozen is None else (frozen,)
     if restored is not None:
         step, params, opt_state, loader_state, _ = restored
         loader.set_state(loader_state)
         log.warning("resumed from step %d of %s", step, manager.directory)
     else:
         step = 0
-        if config.init.from_ is not None:
+        if frozen is not None:
+            params = initial_adapters
+        elif config.init.from_ is not None:
             params = read_params(config.init.from_, setup.abstract_params, dtype=jnp.dtype(config.model.param_dtype))
         else:
             params = jax.jit(lambda: nnx.state(setup.build_model(config.init.seed)).to_pure_dict(),
@@ -126,7 +134,8 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
             while step < config.train.steps:
                 local_batch = next(loader)
                 params, opt_state, step_metrics = setup.train_step(
-                    params, opt_state, _global_batch(local_batch, setup.data_sharding, config.train.global_batch_size))
+                    params, opt_state, _global_batch(local_batch, setup.data_sharding, config.train.global_batch_size),
+                    *frozen_args)
                 step += 1
                 window_steps += 1
                 progress.update()
@@ -140,7 +149,7 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
                             "step_time": elapsed / window_steps,
                             "mfu": tokens_per_second * flops_per_token / (peak_flops * mesh.size)}
                     if config.train.eval_every and (step % config.train.eval_every == 0 or final):
-                        last.update(_evaluate(setup.eval_step, params, config, setup.data_sharding))
+                        last.update(_evaluate(setup.eval_step, params, frozen_args, config, setup.data_sharding))
                     metrics_writer.write(step, last)
                     progress.set_postfix(loss=f"{last['loss']:.4f}", mfu=f"{last['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
@@ -157,8 +166,23 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
     manager.wait_until_finished()
     metrics_writer.close()
     if not stop.requested and step >= config.train.steps:
+        if frozen is not None:
+            params = _merge_adapters(setup, config, params, frozen, run_dir / "adapter")
         _write_final_model(run_dir, model_config, params, config.export_hf)
     return {"step": step, **last}
+
+
+def _merge_adapters(setup, config: RunConfig, adapters, frozen, adapter_dir: epath.Path):
+    """sft: write the adapters in PEFT's layout to `adapter_dir`, and return the base with them folded in."""
+    from jax.experimental import multihost_utils
+
+    from bmx.lora import merge_lora, save_peft_adapter
+
+    host_adapters = multihost_utils.process_allgather(adapters, tiled=True)  # small: rank-r matrices
+    if jax.process_index() == 0:
+        save_peft_adapter(nnx.merge(setup.graphdef, host_adapters, frozen), config.lora, adapter_dir,
+                          base_model_name_or_path=config.init.from_)
+    return nnx.state(merge_lora(nnx.merge(setup.graphdef, adapters, frozen))).to_pure_dict()
 
 
 def _write_final_model(run_dir: epath.Path, model_config: MistralConfig, params, export_hf: str | None) -> None:

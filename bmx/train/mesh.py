@@ -83,8 +83,13 @@ def rules_for(config: MeshConfig) -> dict[str, MeshAxes]:
 
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> nnx.State:
-    """A NamedSharding for every parameter, from its `logical_axes` metadata."""
+    """A NamedSharding for every parameter, from its `logical_axes` metadata.
+
+    Variables that are not parameters (LoRA's dropout keys) carry no axes and are replicated.
+    """
     def sharding(variable):
+        if not isinstance(variable, nnx.Param) and "logical_axes" not in variable.get_metadata():
+            return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, logical_to_spec(variable.get_metadata()["logical_axes"], rules))
 
     return jax.tree.map(sharding, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))

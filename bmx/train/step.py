@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bmx.lora.adapters import set_lora_dropout
 from bmx.model.mistral import Mistral
 from bmx.model.sharding import logical_sharding
 from bmx.train.loss import chunked_cross_entropy
@@ -28,9 +29,15 @@ def _head_kernel(model: Mistral) -> jax.Array:
 
 
 def make_loss_fn(graphdef, *, vocab_chunk: int, z_loss_weight: float, document_masking: bool) -> Callable:
-    def loss_sums(params, batch: Batch):
-        """(loss + z-loss summed over tokens, (loss sum, token count))."""
-        model = nnx.merge(graphdef, params)
+    def loss_sums(params, batch: Batch, frozen=None, dropout_key=None):
+        """(loss + z-loss summed over tokens, (loss sum, token count)).
+
+        `frozen`: parameters that are not trained (the base model under LoRA adapters), merged with
+        `params` into the model; `dropout_key` turns the adapters' dropout on for this forward.
+        """
+        model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+        if dropout_key is not None:
+            set_lora_dropout(model, dropout_key)
         use_segments = document_masking and "segment_ids" in batch
         hidden = model.hidden_states(batch["inputs"], positions=batch.get("positions") if use_segments else None,
                                      segment_ids=batch["segment_ids"] if use_segments else None)
@@ -53,18 +60,29 @@ def _split_microbatches(batch: Batch, accumulation: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _dropout_key(seed: int | None, opt_state) -> jax.Array | None:
+    """A fresh dropout key per optimizer step, from the step count the optimizer state keeps (so a
+    resumed run draws the masks an uninterrupted one would)."""
+    if seed is None:
+        return None
+    (_, count), *_ = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return jax.random.fold_in(jax.random.key(seed), count)
+
+
 def make_train_step(loss_sums: Callable, optimizer: optax.GradientTransformation, accumulation: int,
-                    mesh, rules) -> Callable:
+                    mesh, rules, dropout_seed: int | None = None) -> Callable:
+    """`train_step(params, opt_state, batch, frozen=None)`: gradients and updates for `params` only."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
-    def train_step(params, opt_state, batch: Batch):
+    def train_step(params, opt_state, batch: Batch, frozen=None):
+        dropout_key = _dropout_key(dropout_seed, opt_state)
         with logical_sharding(mesh, rules):
             if accumulation == 1:
-                (_, (loss_sum, count)), grads = grad_fn(params, batch)
+                (_, (loss_sum, count)), grads = grad_fn(params, batch, frozen, dropout_key)
             else:
                 def accumulate(carry, microbatch):
                     grads_sum, loss_total, count_total = carry
-                    (_, (loss_sum, count)), grads = grad_fn(params, microbatch)
+                    (_, (loss_sum, count)), grads = grad_fn(params, microbatch, frozen, dropout_key)
                     return (jax.tree.map(jnp.add, grads_sum, grads), loss_total + loss_sum, count_total + count), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
@@ -81,9 +99,9 @@ def make_train_step(loss_sums: Callable, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(loss_sums: Callable, mesh, rules) -> Callable:
-    def eval_step(params, batch: Batch):
+    def eval_step(params, batch: Batch, frozen=None):
         with logical_sharding(mesh, rules):
-            _, (loss_sum, count) = loss_sums(params, batch)
+            _, (loss_sum, count) = loss_sums(params, batch, frozen)
         return loss_sum, count
 
     return eval_step
