@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bmx.lora.adapters import apply_lora
 from bmx.model.checkpoint import read_config
 from bmx.model.config import MistralConfig, preset
 from bmx.model.mistral import Mistral
@@ -33,6 +34,7 @@ class TrainSetup:
     model_config: MistralConfig
     seq_len: int
     build_model: Callable[[int], Mistral]
+    graphdef: nnx.GraphDef  # merged with the params (and, for sft, the frozen params) into the model
     param_sharding: Any
     opt_sharding: Any
     abstract_params: Any  # ShapeDtypeStructs with shardings
@@ -40,8 +42,10 @@ class TrainSetup:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     data_sharding: jax.sharding.NamedSharding
-    train_step: Callable
-    eval_step: Callable
+    train_step: Callable  # (params, opt_state, batch[, frozen]) -> (params, opt_state, metrics)
+    eval_step: Callable  # (params, batch[, frozen]) -> (loss sum, token count); frozen only for sft
+    abstract_base: Any = None  # sft: the base model's parameters, as `init.from` stores them
+    attach_adapters: Callable | None = None  # sft: base params -> (LoRA params, frozen params), sharded
 
 
 def resolve_model_config(config: RunConfig) -> MistralConfig:
@@ -100,6 +104,14 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
                        rngs=nnx.Rngs(seed))
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build_model(config.init.seed)))
+    sft = _sft_parts(config, build_model, graphdef, mesh, rules) if config.task == "sft" else None
+    if sft is not None:
+        base_sharding = nnx.State(param_shardings(abstract_state, mesh, rules)).to_pure_dict()
+        abstract_base = _with_shardings(abstract_state.to_pure_dict(), base_sharding)
+        graphdef, abstract_state, frozen, attach_adapters = sft
+        frozen_sharding = (frozen,)  # the steps take the frozen params as a 4th (eval: 3rd) argument
+    else:
+        abstract_base, frozen_sharding, attach_adapters = None, (), None
     param_sharding = nnx.State(param_shardings(abstract_state, mesh, rules)).to_pure_dict()
     abstract_params = _with_shardings(abstract_state.to_pure_dict(), param_sharding)
     schedule = learning_rate_schedule(config.optimizer, config.schedule, config.train.steps)
@@ -112,12 +124,37 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     loss_sums = make_loss_fn(graphdef, vocab_chunk=loss_vocab_chunk(config, model_config, seq_len, batch_devices),
                              z_loss_weight=config.train.z_loss, document_masking=config.data.document_masking)
-    train_step = jax.jit(make_train_step(loss_sums, optimizer, config.train.grad_accumulation, mesh, rules),
-                         in_shardings=(param_sharding, opt_sharding, data_sharding),
+    dropout_seed = config.init.seed if sft is not None and config.lora.dropout > 0 else None
+    train_step = jax.jit(make_train_step(loss_sums, optimizer, config.train.grad_accumulation, mesh, rules,
+                                         dropout_seed=dropout_seed),
+                         in_shardings=(param_sharding, opt_sharding, data_sharding, *frozen_sharding),
                          out_shardings=(param_sharding, opt_sharding, replicated(mesh)), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(loss_sums, mesh, rules), in_shardings=(param_sharding, data_sharding),
-                        out_shardings=replicated(mesh))
+    eval_step = jax.jit(make_eval_step(loss_sums, mesh, rules),
+                        in_shardings=(param_sharding, data_sharding, *frozen_sharding), out_shardings=replicated(mesh))
     return TrainSetup(mesh=mesh, rules=rules, model_config=model_config, seq_len=seq_len, build_model=build_model,
+                      graphdef=graphdef,
                       param_sharding=param_sharding, opt_sharding=opt_sharding, abstract_params=abstract_params,
                       abstract_opt_state=_with_shardings(unsharded_opt_state, opt_sharding), optimizer=optimizer,
-                      schedule=schedule, data_sharding=data_sharding, train_step=train_step, eval_step=eval_step)
+                      schedule=schedule, data_sharding=data_sharding, train_step=train_step, eval_step=eval_step,
+                      abstract_base=abstract_base, attach_adapters=attach_adapters)
+
+
+def _sft_parts(config: RunConfig, build_model: Callable[[int], Mistral], plain_graphdef, mesh, rules):
+    """For `task: sft`: (graphdef of the adapted model, abstract LoRA state, shardings of the frozen
+    params, attach_adapters). Only A and B are trained; the base and the dropout keys are frozen."""
+    if config.init.from_ is None:
+        raise ValueError("task: sft trains LoRA adapters on a base model: set init.from to a bmx checkpoint")
+    seed = config.init.seed
+    adapted = nnx.eval_shape(lambda: apply_lora(build_model(seed), config.lora, seed=seed))
+    graphdef, abstract_lora, abstract_frozen = nnx.split(adapted, nnx.LoRAParam, ...)
+    frozen_sharding = nnx.State(param_shardings(abstract_frozen, mesh, rules)).to_pure_dict()
+    lora_sharding = nnx.State(param_shardings(abstract_lora, mesh, rules)).to_pure_dict()
+
+    def attach_adapters(base_params):
+        model = apply_lora(nnx.merge(plain_graphdef, base_params), config.lora, seed=seed)
+        _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+        return (jax.device_put(lora.to_pure_dict(), lora_sharding),
+                jax.device_put(frozen.to_pure_dict(), frozen_sharding))
+
+    return graphdef, abstract_lora, frozen_sharding, attach_adapters
+
