@@ -78,8 +78,8 @@ def decode_step(model: Mistral, tokens: jax.Array, positions: jax.Array, index: 
     config = model.config
     cos, sin = rotary_cos_sin(positions[:, None], config.head_dim, config.rope_theta)
     key_index = kv_cache.step_key_index(cache.key_index, index)
-    # [batch, 1 (kv_heads), 1 (queries_per_kv), 1 (query), slots], as _masked_softmax_attention broadcasts.
-    allowed = kv_cache.visible_keys(key_index, index, config.sliding_window)[:, None, None, None, :]
+    # [batch, 1 (query), slots], as _masked_softmax_attention takes it.
+    allowed = kv_cache.visible_keys(key_index, index, config.sliding_window)[:, None, :]
     layer_graph, layer_state = nnx.split(model.model.layers)
 
     def apply_layer(hidden, layer_inputs):

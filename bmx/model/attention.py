@@ -66,12 +66,17 @@ def _allowed(query_index, key_index, query_segments, key_segments, key_valid, wi
 
 
 def _masked_softmax_attention(q, k, v, allowed, scale):
-    """q [b, s, k, g, d], k/v [b, t, k, d], allowed broadcastable to [b, k, g, s, t]."""
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    """q [b, s, k, g, d], k/v [b, t, k, d], allowed broadcastable to [b, s, t] (query, key).
+
+    Scores are laid out [b, k, s, g, t]: the order a dot of q's (s, g) against k's t produces, so
+    XLA never transposes the big score and probability arrays (a [b, k, g, s, t] layout cost
+    three full transposes per layer on CPU).
+    """
+    scores = jnp.einsum("bskgd,btkd->bksgt", q, k, preferred_element_type=jnp.float32) * scale
     # A finite floor (not -inf) keeps fully padded query rows finite instead of NaN.
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probabilities = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgst,btkd->bskgd", probabilities, v)
+    return jnp.einsum("bksgt,btkd->bskgd", probabilities, v)
 
 
 def dense_attention(q, k, v, masking: AttentionMasking, scale: float) -> jax.Array:
@@ -84,8 +89,7 @@ def dense_attention(q, k, v, masking: AttentionMasking, scale: float) -> jax.Arr
         None if masking.key_is_valid is None else masking.key_is_valid[:, None, :],
         masking.sliding_window,
     )  # [batch or 1, seq, seq]
-    allowed = jnp.broadcast_to(allowed, (q.shape[0], seq, seq))[:, None, None]
-    return _masked_softmax_attention(q, k, v, allowed, scale)
+    return _masked_softmax_attention(q, k, v, jnp.broadcast_to(allowed, (q.shape[0], seq, seq)), scale)
 
 
 def blocked_sliding_window_attention(q, k, v, masking: AttentionMasking, scale: float) -> jax.Array:
@@ -122,7 +126,7 @@ def blocked_sliding_window_attention(q, k, v, masking: AttentionMasking, scale: 
     allowed = jnp.broadcast_to(allowed, (batch, blocks, window, 2 * window))
 
     def attend_block(q_block, k_block, v_block, allowed_block):
-        return _masked_softmax_attention(q_block, k_block, v_block, allowed_block[:, None, None], scale)
+        return _masked_softmax_attention(q_block, k_block, v_block, allowed_block, scale)
 
     out = jax.vmap(attend_block, in_axes=1, out_axes=1)(q_blocks, k_blocks, v_blocks, allowed)
     return out.reshape(batch, padded, *q.shape[2:])[:, :seq]
