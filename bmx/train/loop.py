@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,83 +76,25 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
     `devices`: the devices of the mesh (default: all of them).
     """
     run_dir = epath.Path(config.run_dir)  # local or an object store (gs://…)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if config.data.path is None:
-        raise ValueError("data.path is not set: point it at a directory made by `python -m bmx.data prepare`")
-    resolved = to_dict(config)
-    if is_main:
-        print("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False), flush=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    if config.train.eval_every and count_sequences(config.data.path, "validation") < config.train.global_batch_size:
-        raise ValueError(f"train.eval_every is set but the validation split of {config.data.path} has fewer than "
-                         f"train.global_batch_size={config.train.global_batch_size} sequences; prepare the data "
-                         "with a larger --val-fraction or set train.eval_every=0")
+    resolved = _check_and_record(config, run_dir)
     setup = build(config, devices)
-    mesh, model_config = setup.mesh, setup.model_config
-
-    # -- resume, continue from a checkpoint, or start from scratch -------------------------------
     manager = checkpointing.make_manager(run_dir, config.checkpoint)
-    restored = checkpointing.restore_latest(manager, setup.abstract_params, setup.abstract_opt_state)
     loader = make_loader(config.data.path, split="train", global_batch_size=config.train.global_batch_size,
                          seed=config.data.seed, num_epochs=config.data.num_epochs)
-    frozen = None  # sft: the base model under the adapters, read from init.from on every (re)start
-    if setup.attach_adapters is not None:
-        base = read_params(config.init.from_, setup.abstract_base, dtype=jnp.dtype(config.model.param_dtype))
-        initial_adapters, frozen = setup.attach_adapters(base)
-    frozen_args = () if frozen is None else (frozen,)
-    if restored is not None:
-        step, params, opt_state, loader_state, _ = restored
-        loader.set_state(loader_state)
-        log.warning("resumed from step %d of %s", step, manager.directory)
-    else:
-        step = 0
-        if frozen is not None:
-            params = initial_adapters
-        elif config.init.from_ is not None:
-            params = read_params(config.init.from_, setup.abstract_params, dtype=jnp.dtype(config.model.param_dtype))
-        else:
-            params = jax.jit(lambda: nnx.state(setup.build_model(config.init.seed)).to_pure_dict(),
-                             out_shardings=setup.param_sharding)()
-        opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.opt_sharding)(params)
-
-    flops_per_token = training_flops_per_token(model_config, setup.seq_len)
-    peak_flops, peak_source = peak_flops_per_device(config.logging.peak_flops)
-    if is_main:
-        print(f"model: {model_config.num_parameters() / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
-              f"compute {compute_dtype(config).name}, peak {peak_flops / 1e12:.2f} TFLOP/s per device ({peak_source})",
-              flush=True)
-
-    metrics_writer = MetricsWriter(run_dir, step, config.logging.tensorboard, enabled=is_main)
-    meta = {"config": resolved, "model": model_config.to_dict()}
-    last: dict[str, Any] = {}
-    progress = tqdm(total=config.train.steps, initial=step, desc="train", unit="step",
-                    disable=not (is_main and config.logging.progress))
-    window_start, window_steps = time.perf_counter(), 0
+    step, params, opt_state, frozen = _starting_state(config, setup, manager, loader)
+    frozen_args = () if frozen is None else (frozen,)  # sft: the base model, an argument of every step
+    reporter = _Reporter(config, setup, run_dir, step)
+    meta = {"config": resolved, "model": setup.model_config.to_dict()}
     with _StopRequest() as stop:
         try:
             while step < config.train.steps:
-                local_batch = next(loader)
-                params, opt_state, step_metrics = setup.train_step(
-                    params, opt_state, _global_batch(local_batch, setup.data_sharding, config.train.global_batch_size),
-                    *frozen_args)
+                batch = _global_batch(next(loader), setup.data_sharding, config.train.global_batch_size)
+                params, opt_state, step_metrics = setup.train_step(params, opt_state, batch, *frozen_args)
                 step += 1
-                window_steps += 1
-                progress.update()
                 final = step == config.train.steps
-                if step % config.logging.every == 0 or final or stop.requested:
-                    step_metrics = jax.device_get(step_metrics)  # waits for the step: the only host sync
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_second = window_steps * config.train.global_batch_size * setup.seq_len / elapsed
-                    last = {"loss": float(step_metrics["loss"]), "grad_norm": float(step_metrics["grad_norm"]),
-                            "lr": float(setup.schedule(step - 1)), "tokens_per_second": tokens_per_second,
-                            "step_time": elapsed / window_steps,
-                            "mfu": tokens_per_second * flops_per_token / (peak_flops * mesh.size)}
-                    if config.train.eval_every and (step % config.train.eval_every == 0 or final):
-                        last.update(_evaluate(setup.eval_step, params, frozen_args, config, setup.data_sharding))
-                    metrics_writer.write(step, last)
-                    progress.set_postfix(loss=f"{last['loss']:.4f}", mfu=f"{last['mfu']:.1%}")
-                    window_start, window_steps = time.perf_counter(), 0
+                reporter.step_done(step, step_metrics, force=final or stop.requested,
+                                   evaluate=lambda: _evaluate(setup.eval_step, params, frozen_args, config,
+                                                              setup.data_sharding))
                 if step % config.checkpoint.every == 0 or final or stop.requested:
                     checkpointing.save(manager, step, params, opt_state, loader.get_state(), meta, force=True)
                 if stop.requested:
@@ -162,14 +104,97 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
                 raise RuntimeError(f"training failed on process {jax.process_index()} after step {step}: another "
                                    "process probably died or was preempted (see its log)") from error
             raise
-    progress.close()
+    reporter.close()
     manager.wait_until_finished()
-    metrics_writer.close()
     if not stop.requested and step >= config.train.steps:
         if frozen is not None:
             params = _merge_adapters(setup, config, params, frozen, run_dir / "adapter")
-        _write_final_model(run_dir, model_config, params, config.export_hf)
-    return {"step": step, **last}
+        _write_final_model(run_dir, setup.model_config, params, config.export_hf)
+    return {"step": step, **reporter.last}
+
+
+def _check_and_record(config: RunConfig, run_dir: epath.Path) -> dict[str, Any]:
+    """Refuse a config that cannot run; print the resolved config and save it in the run directory."""
+    if config.data.path is None:
+        raise ValueError("data.path is not set: point it at a directory made by `python -m bmx.data prepare`")
+    if config.train.eval_every and count_sequences(config.data.path, "validation") < config.train.global_batch_size:
+        raise ValueError(f"train.eval_every is set but the validation split of {config.data.path} has fewer than "
+                         f"train.global_batch_size={config.train.global_batch_size} sequences; prepare the data "
+                         "with a larger --val-fraction or set train.eval_every=0")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = to_dict(config)
+    if jax.process_index() == 0:
+        print("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False), flush=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return resolved
+
+
+def _starting_state(config: RunConfig, setup, manager, loader) -> tuple[int, Any, Any, Any]:
+    """(step, params, opt_state, frozen): resumed from the newest good checkpoint, else initialised from
+    `init.from` or from scratch. `frozen` is the base model under LoRA adapters (sft), else None."""
+    param_dtype = jnp.dtype(config.model.param_dtype)
+    frozen = initial_adapters = None
+    if setup.attach_adapters is not None:  # the base is re-read on every (re)start: checkpoints hold adapters
+        base = read_params(config.init.from_, setup.abstract_base, dtype=param_dtype)
+        initial_adapters, frozen = setup.attach_adapters(base)
+    restored = checkpointing.restore_latest(manager, setup.abstract_params, setup.abstract_opt_state)
+    if restored is not None:
+        step, params, opt_state, loader_state, _ = restored
+        loader.set_state(loader_state)
+        log.warning("resumed from step %d of %s", step, manager.directory)
+        return step, params, opt_state, frozen
+    if frozen is not None:
+        params = initial_adapters
+    elif config.init.from_ is not None:
+        params = read_params(config.init.from_, setup.abstract_params, dtype=param_dtype)
+    else:
+        params = jax.jit(lambda: nnx.state(setup.build_model(config.init.seed)).to_pure_dict(),
+                         out_shardings=setup.param_sharding)()
+    opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.opt_sharding)(params)
+    return 0, params, opt_state, frozen
+
+
+class _Reporter:
+    """Progress bar, and every `logging.every` steps: loss, throughput, MFU (and held-out loss when due)
+    to metrics.jsonl, TensorBoard and the bar. Reading the metrics is the loop's only host sync."""
+
+    def __init__(self, config: RunConfig, setup, run_dir: epath.Path, step: int):
+        self.config, self.setup = config, setup
+        is_main = jax.process_index() == 0
+        self.flops_per_token = training_flops_per_token(setup.model_config, setup.seq_len)
+        self.peak_flops, peak_source = peak_flops_per_device(config.logging.peak_flops)
+        if is_main:
+            print(f"model: {setup.model_config.num_parameters() / 1e6:.1f}M parameters, mesh {dict(setup.mesh.shape)}"
+                  f", compute {compute_dtype(config).name}, peak {self.peak_flops / 1e12:.2f} TFLOP/s per device "
+                  f"({peak_source})", flush=True)
+        self.writer = MetricsWriter(run_dir, step, config.logging.tensorboard, enabled=is_main)
+        self.progress = tqdm(total=config.train.steps, initial=step, desc="train", unit="step",
+                             disable=not (is_main and config.logging.progress))
+        self.last: dict[str, Any] = {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def step_done(self, step: int, step_metrics, force: bool, evaluate: Callable[[], dict[str, float]]) -> None:
+        self.window_steps += 1
+        self.progress.update()
+        config, final = self.config, step == self.config.train.steps
+        if not (step % config.logging.every == 0 or force):
+            return
+        step_metrics = jax.device_get(step_metrics)  # waits for the step
+        elapsed = time.perf_counter() - self.window_start
+        tokens_per_second = self.window_steps * config.train.global_batch_size * self.setup.seq_len / elapsed
+        self.last = {"loss": float(step_metrics["loss"]), "grad_norm": float(step_metrics["grad_norm"]),
+                     "lr": float(self.setup.schedule(step - 1)), "tokens_per_second": tokens_per_second,
+                     "step_time": elapsed / self.window_steps,
+                     "mfu": tokens_per_second * self.flops_per_token / (self.peak_flops * self.setup.mesh.size)}
+        if config.train.eval_every and (step % config.train.eval_every == 0 or final):
+            self.last.update(evaluate())
+        self.writer.write(step, self.last)
+        self.progress.set_postfix(loss=f"{self.last['loss']:.4f}", mfu=f"{self.last['mfu']:.1%}")
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
 
 
 def _merge_adapters(setup, config: RunConfig, adapters, frozen, adapter_dir: epath.Path):
