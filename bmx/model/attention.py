@@ -139,6 +139,19 @@ def grouped_query_attention(q, k, v, masking: AttentionMasking, scale: float) ->
     return dense_attention(q, k, v, masking, scale)
 
 
+# ---- kernel switch (`model.attention`: xla | cudnn | splash; the kernels live in bmx.model.kernels) ----
+
+def attend(q, k, v, masking: AttentionMasking, scale: float, implementation: str = "xla") -> jax.Array:
+    if implementation == "xla":
+        return grouped_query_attention(q, k, v, masking, scale)
+    from bmx.model.kernels import ATTENTION_KERNELS  # kernels import this module
+
+    if implementation not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose one of {['xla', *ATTENTION_KERNELS]}")
+    return ATTENTION_KERNELS[implementation](q, k, v, masking, scale)
+
+
 # ---- the attention layer ------------------------------------------------------------------------
 
 class Attention(nnx.Module):
@@ -153,6 +166,7 @@ class Attention(nnx.Module):
         self.kv_heads = kv_heads
         self.queries_per_kv = heads // kv_heads
         self.scale = head_dim ** -0.5
+        self.implementation = "xla"  # model.attention; set by bmx.model.kernels.use_attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, masking: AttentionMasking) -> jax.Array:
         batch, seq = x.shape[:2]
@@ -164,5 +178,5 @@ class Attention(nnx.Module):
         v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
         # Query head h belongs to KV head h // queries_per_kv, as in transformers' repeat_kv.
         q = q.reshape(batch, seq, self.kv_heads, self.queries_per_kv, q.shape[-1])
-        out = grouped_query_attention(q, k, v, masking, self.scale)
+        out = attend(q, k, v, masking, self.scale, self.implementation)
         return self.o_proj(out.reshape(batch, seq, -1, out.shape[-1]))

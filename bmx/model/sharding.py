@@ -47,6 +47,11 @@ def logical_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_logical_sharding() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the enclosing `logical_sharding` context, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:

@@ -1,0 +1,82 @@
+"""Human-readable and JSON forms of an `AotReport`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from bmx.train.aot_compile import AotReport
+
+GiB = 2**30
+
+
+def _gib(size: float) -> str:
+    return f"{size / GiB:8.2f} GiB"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f} s" if value >= 1 else f"{value * 1e3:.3g} ms"
+
+
+def _setting(report: AotReport) -> str:
+    mesh = " ".join(f"{axis}={size}" for axis, size in report.mesh.items())
+    return (f"mesh {mesh} · remat {report.remat} · attention {report.attention} · seq {report.seq_len} · "
+            f"global batch {report.global_batch_size} = {report.microbatch_per_device:g} per device × "
+            f"{report.grad_accumulation} microbatch{'es' if report.grad_accumulation > 1 else ''}")
+
+
+def format_report(report: AotReport, config_name: str = "") -> str:
+    chip = report.chip
+    lines = [f"bmx AOT report: {config_name} on {report.topology} ({report.num_devices} × {chip.name}, "
+             f"compiled in {report.compile_seconds:.0f} s)", f"  {_setting(report)}",
+             f"memory per device (HBM {chip.hbm_bytes / GiB:.1f} GiB)"]
+    if report.memory is None:
+        lines.append(f"  XLA refused the program: {report.compile_error}")
+    else:
+        memory = report.memory
+        lines += [f"  arguments   {_gib(memory.arguments)}  parameters, optimizer state, batch",
+                  f"  outputs     {_gib(memory.outputs)}  ({_gib(memory.aliased).strip()} of them written over "
+                  "donated arguments)",
+                  f"  temporaries {_gib(memory.temporaries)}",
+                  f"  code        {_gib(memory.code)}",
+                  f"  total       {_gib(memory.total)}  {memory.total / chip.hbm_bytes:.0%} of HBM: "
+                  f"{'fits' if report.fits else 'DOES NOT FIT'}"]
+    if report.largest_buffers:
+        lines.append("largest buffers")
+        lines += [f"  {_gib(buffer.size_bytes)}  {buffer.kind:<9} {buffer.shape:<28} {buffer.op_name}"
+                  for buffer in report.largest_buffers]
+    lines += ["FLOPs per device per step", f"  model (bmx MFU formula)  {report.model_flops:.3e}"]
+    if report.xla_cost is not None:
+        cost = report.xla_cost
+        lines += [f"  XLA cost analysis        {cost.flops:.3e}  ({cost.flops / report.model_flops:.2f} × model: "
+                  "rematerialisation, attention masking, softmax, optimizer)",
+                  f"  XLA:TPU HBM traffic      {cost.bytes_accessed:.3e} bytes (compiled program, after fusion)",
+                  f"roofline ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s; "
+                  f"{chip.source})",
+                  f"  compute {_seconds(report.compute_seconds)} · HBM {_seconds(report.memory_seconds)} → step "
+                  f"{_seconds(report.step_seconds)}, {report.tokens_per_second:,.0f} tokens/s, "
+                  f"predicted MFU {report.predicted_mfu:.1%}"]
+    lines += [f"note: {note}" for note in report.notes]
+    return "\n".join(lines)
+
+
+def not_fitting_message(report: AotReport) -> str:
+    if report.memory is not None:
+        need = f"needs {report.memory.total / GiB:.2f} GiB per device"
+    else:
+        need = f"XLA: {report.compile_error}"
+    biggest = "; ".join(f"{buffer.size_bytes / GiB:.2f} GiB {buffer.shape} ({buffer.op_name or buffer.kind})"
+                        for buffer in report.largest_buffers[:4])
+    return (f"does not fit on {report.topology}: {need}, a {report.chip.name} has "
+            f"{report.chip.hbm_bytes / GiB:.1f} GiB. Largest buffers: {biggest or 'unknown'}. Try more "
+            "train.grad_accumulation, model.remat=full, model.attention=splash or a larger mesh.fsdp.")
+
+
+def report_dict(report: AotReport) -> dict[str, Any]:
+    """Everything in the report, derived numbers included, as plain JSON values."""
+    values = dataclasses.asdict(report)
+    values["memory_total"] = None if report.memory is None else report.memory.total
+    for name in ("microbatch_per_device", "compute_seconds", "memory_seconds", "step_seconds", "predicted_mfu",
+                 "tokens_per_second"):
+        values[name] = getattr(report, name)
+    return values
