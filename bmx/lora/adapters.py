@@ -17,6 +17,7 @@ from flax import nnx
 
 from bmx.lora.config import ALL_PROJECTIONS, ATTENTION_PROJECTIONS, LoRAConfig
 from bmx.lora.layers import LoRALinear, lora_a_shape
+from bmx.model.layers import Linear
 from bmx.model.mistral import Mistral
 
 STACKED_AXES = ("layers",)
@@ -78,6 +79,9 @@ def set_lora_dropout(model: Mistral, key: jax.Array | None) -> None:
 def merge_lora(model: Mistral) -> Mistral:
     """Fold every adapter into its base kernel (W + (A·B)·scale, in float32) and drop the adapters. In place."""
     for projection, module in list(lora_modules(model)):
+        if not isinstance(module.base, Linear):
+            raise ValueError(f"{projection}: its base is quantized (QLoRA); merge the adapters into the float base "
+                             "checkpoint instead (python -m bmx.convert merge-lora BASE ADAPTER OUT)")
         kernel = module.base.kernel
         kernel.value = (kernel[...].astype(jnp.float32) + module.delta_kernel()).astype(kernel.dtype)
         setattr(_parent_module(model, projection), projection, module.base)

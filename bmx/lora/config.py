@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -19,6 +20,8 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] = ALL_PROJECTIONS
     use_rslora: bool = False  # scale α/√r instead of α/r (PEFT's `use_rslora`)
+    # QLoRA, in the trainer: the frozen base's decoder linears held quantized (bmx.quant) while the adapters train
+    base_quantization: Literal["none", "int8", "nf4", "fp4"] = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:

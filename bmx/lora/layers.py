@@ -35,32 +35,40 @@ class LoRADropoutKey(nnx.Variable):
     """Raw `rbg` key data `[*leading, 4]` uint32 for this projection's dropout (not a parameter)."""
 
 
-def lora_a_shape(base: Linear, rank: int, num_leading: int) -> tuple[int, ...]:
+def kernel_shape_and_axes(base) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+    """Shape `[*leading, *in, *out]` and logical axes of the kernel `base` multiplies by: a float `Linear`'s
+    own, or the one a `bmx.quant` `QuantizedLinear` stores (QLoRA: adapters on a quantized base)."""
+    if isinstance(base, Linear):
+        return tuple(base.kernel.shape), tuple(base.kernel.get_metadata()["logical_axes"])
+    return tuple(base.kernel_shape), tuple(base.kernel_axes)
+
+
+def lora_a_shape(base, rank: int, num_leading: int) -> tuple[int, ...]:
     """A's shape for `base`: `[*leading, *in_shape, rank]`."""
-    return (*base.kernel.shape[:num_leading + base.num_contracted], rank)
+    return (*kernel_shape_and_axes(base)[0][:num_leading + base.num_contracted], rank)
 
 
 class LoRALinear(nnx.Module):
-    def __init__(self, base: Linear, *, rank: int, scale: float, dropout: float, leading_axes: tuple[str, ...],
+    def __init__(self, base, *, rank: int, scale: float, dropout: float, leading_axes: tuple[str, ...],
                  unit_noise: jax.Array):
-        """`unit_noise` ~ U(-1, 1) of A's shape (`lora_a_shape`): the caller draws it, so that all the
-        adapters of a model can come from one draw (one compiled sampler whatever the shapes)."""
-        kernel = base.kernel
-        axes = tuple(kernel.get_metadata()["logical_axes"])
+        """`base`: a `Linear`, or a `QuantizedLinear` (QLoRA). `unit_noise` ~ U(-1, 1) of A's shape
+        (`lora_a_shape`): the caller draws it, so that all the adapters of a model can come from one
+        draw (one compiled sampler whatever the shapes)."""
+        kernel_shape, axes = kernel_shape_and_axes(base)
         lead = len(leading_axes)
         in_end = lead + base.num_contracted
         a_shape = lora_a_shape(base, rank, lead)
         if tuple(unit_noise.shape) != a_shape:
             raise ValueError(f"LoRA A noise has shape {tuple(unit_noise.shape)}, expected {a_shape}")
         # PEFT's default: A ~ kaiming_uniform(a=√5) = U(±1/√fan_in), B = 0, so training starts at the base model.
-        bound = 1.0 / math.sqrt(int(np.prod(kernel.shape[lead:in_end])))
+        bound = 1.0 / math.sqrt(int(np.prod(kernel_shape[lead:in_end])))
         self.base = base
         # A and B are float32 whatever the base's storage dtype: they are the trained (master) weights.
         self.lora_a = nnx.LoRAParam((unit_noise * bound).astype(jnp.float32),
                                     logical_axes=(*leading_axes, *axes[lead:in_end], LORA_RANK_AXIS))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((*kernel.shape[:lead], rank, *kernel.shape[in_end:]), jnp.float32),
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*kernel_shape[:lead], rank, *kernel_shape[in_end:]), jnp.float32),
                                     logical_axes=(*leading_axes, LORA_RANK_AXIS, *axes[in_end:]))
-        self.dropout_key = LoRADropoutKey(jnp.zeros((*kernel.shape[:lead], DROPOUT_KEY_WORDS), jnp.uint32))
+        self.dropout_key = LoRADropoutKey(jnp.zeros((*kernel_shape[:lead], DROPOUT_KEY_WORDS), jnp.uint32))
         self.rank = rank
         self.scale = scale
         self.dropout = dropout
@@ -80,7 +88,7 @@ class LoRALinear(nnx.Module):
         leading = a.shape[:a.ndim - 1 - self.base.num_contracted]  # (layers,) in the stack, () alone
         fan_in_by_rank = a.reshape(*leading, -1, self.rank)
         rank_by_fan_out = b.reshape(*leading, self.rank, -1)
-        return (fan_in_by_rank @ rank_by_fan_out).reshape(self.base.kernel.shape) * self.scale
+        return (fan_in_by_rank @ rank_by_fan_out).reshape(kernel_shape_and_axes(self.base)[0]) * self.scale
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         dtype = self.base.dtype

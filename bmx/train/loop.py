@@ -201,13 +201,14 @@ def _merge_adapters(setup, config: RunConfig, adapters, frozen, adapter_dir: epa
     """sft: write the adapters in PEFT's layout to `adapter_dir`, and return the base with them folded in."""
     from jax.experimental import multihost_utils
 
-    from bmx.lora import merge_lora, save_peft_adapter
+    from bmx.lora import save_peft_adapter
 
     host_adapters = multihost_utils.process_allgather(adapters, tiled=True)  # small: rank-r matrices
     if jax.process_index() == 0:
         save_peft_adapter(nnx.merge(setup.graphdef, host_adapters, frozen), config.lora, adapter_dir,
                           base_model_name_or_path=config.init.from_)
-    return nnx.state(merge_lora(nnx.merge(setup.graphdef, adapters, frozen))).to_pure_dict()
+    return setup.merge_adapters(adapters, frozen, lambda: read_params(
+        config.init.from_, setup.abstract_base, dtype=jnp.dtype(config.model.param_dtype)))
 
 
 def _write_final_model(run_dir: epath.Path, model_config: MistralConfig, params, export_hf: str | None) -> None:

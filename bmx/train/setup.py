@@ -6,6 +6,7 @@ jitted train and eval steps. The training loop uses it, and so can ahead-of-time
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bmx.lora.adapters import apply_lora
+from bmx.lora.adapters import apply_lora, merge_lora
 from bmx.model.checkpoint import read_config
 from bmx.model.config import MistralConfig, preset
 from bmx.model.kernels import default_attention, use_attention
@@ -47,6 +48,7 @@ class TrainSetup:
     eval_step: Callable  # (params, batch[, frozen]) -> (loss sum, token count); frozen only for sft
     abstract_base: Any = None  # sft: the base model's parameters, as `init.from` stores them
     attach_adapters: Callable | None = None  # sft: base params -> (LoRA params, frozen params), sharded
+    merge_adapters: Callable | None = None  # sft: (LoRA params, frozen, read_base) -> merged float params
 
 
 def resolve_model_config(config: RunConfig) -> MistralConfig:
@@ -110,10 +112,10 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
     if sft is not None:
         base_sharding = nnx.State(param_shardings(abstract_state, mesh, rules)).to_pure_dict()
         abstract_base = _with_shardings(abstract_state.to_pure_dict(), base_sharding)
-        graphdef, abstract_state, frozen, attach_adapters = sft
+        graphdef, abstract_state, frozen, attach_adapters, merge_adapters = sft
         frozen_sharding = (frozen,)  # the steps take the frozen params as a 4th (eval: 3rd) argument
     else:
-        abstract_base, frozen_sharding, attach_adapters = None, (), None
+        abstract_base, frozen_sharding, attach_adapters, merge_adapters = None, (), None, None
     param_sharding = nnx.State(param_shardings(abstract_state, mesh, rules)).to_pure_dict()
     abstract_params = _with_shardings(abstract_state.to_pure_dict(), param_sharding)
     schedule = learning_rate_schedule(config.optimizer, config.schedule, config.train.steps)
@@ -138,25 +140,50 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
                       param_sharding=param_sharding, opt_sharding=opt_sharding, abstract_params=abstract_params,
                       abstract_opt_state=_with_shardings(unsharded_opt_state, opt_sharding), optimizer=optimizer,
                       schedule=schedule, data_sharding=data_sharding, train_step=train_step, eval_step=eval_step,
-                      abstract_base=abstract_base, attach_adapters=attach_adapters)
+                      abstract_base=abstract_base, attach_adapters=attach_adapters, merge_adapters=merge_adapters)
 
 
 def _sft_parts(config: RunConfig, build_model: Callable[[int], Mistral], plain_graphdef, mesh, rules):
     """For `task: sft`: (graphdef of the adapted model, abstract LoRA state, shardings of the frozen
-    params, attach_adapters). Only A and B are trained; the base and the dropout keys are frozen."""
+    params, attach_adapters, merge_adapters). Only A and B are trained; the base (quantized with
+    `lora.base_quantization`: QLoRA) and the dropout keys are frozen."""
     if config.init.from_ is None:
         raise ValueError("task: sft trains LoRA adapters on a base model: set init.from to a bmx checkpoint")
-    seed = config.init.seed
-    adapted = nnx.eval_shape(lambda: apply_lora(build_model(seed), config.lora, seed=seed))
-    graphdef, abstract_lora, abstract_frozen = nnx.split(adapted, nnx.LoRAParam, ...)
+    seed, method = config.init.seed, config.lora.base_quantization
+    scheme = None
+    if method != "none":
+        from bmx.quant.schemes import make_scheme
+
+        scheme = make_scheme(method, double_quant=method in ("nf4", "fp4"))  # QLoRA's NF4 + double quantization
+
+    def adapted(model: Mistral, quantize: Callable) -> Mistral:
+        return apply_lora(model if scheme is None else quantize(model, scheme), config.lora, seed=seed)
+
+    from bmx.quant.model import quantize_abstractly, quantize_model
+
+    abstract = nnx.eval_shape(lambda: adapted(build_model(seed), quantize_abstractly))
+    graphdef, abstract_lora, abstract_frozen = nnx.split(abstract, nnx.LoRAParam, ...)
     frozen_sharding = nnx.State(param_shardings(abstract_frozen, mesh, rules)).to_pure_dict()
     lora_sharding = nnx.State(param_shardings(abstract_lora, mesh, rules)).to_pure_dict()
 
     def attach_adapters(base_params):
-        model = apply_lora(nnx.merge(plain_graphdef, base_params), config.lora, seed=seed)
+        """Base params (as `init.from` stores them) -> (initial LoRA params, frozen params), sharded."""
+        quantize = functools.partial(quantize_model, progress=jax.process_index() == 0)
+        model = adapted(nnx.merge(plain_graphdef, base_params), quantize)
         _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
         return (jax.device_put(lora.to_pure_dict(), lora_sharding),
                 jax.device_put(frozen.to_pure_dict(), frozen_sharding))
 
-    return graphdef, abstract_lora, frozen_sharding, attach_adapters
+    def merge_adapters(adapters, frozen, read_base: Callable[[], Any]):
+        """The float model's params with the adapters folded in; under QLoRA into the float base
+        (`read_base()`), never into its quantized copy."""
+        if scheme is None:
+            model = nnx.merge(graphdef, adapters, frozen)
+        else:
+            model = apply_lora(nnx.merge(plain_graphdef, read_base()), config.lora, seed=seed)
+            adapter_state = nnx.state(model, nnx.LoRAParam)
+            adapter_state.replace_by_pure_dict(adapters)
+            nnx.update(model, adapter_state)
+        return nnx.state(merge_lora(model)).to_pure_dict()
 
+    return graphdef, abstract_lora, frozen_sharding, attach_adapters, merge_adapters

@@ -1,0 +1,189 @@
+"""Quantized vs bfloat16 side by side: memory, held-out PMC perplexity, medical QA accuracy, speed.
+
+For each method the float checkpoint is loaded with bfloat16 parameters, quantized, written as a
+bmx checkpoint and loaded back through `bmx.model.load` (what `bmx.eval` does), then measured:
+- bytes per parameter: every array the model holds on the device ÷ the float parameter count,
+  for the whole model and for the decoder linears alone (what the methods quantize);
+- perplexity on the validation split of a `python -m bmx.data prepare` dataset (held out from
+  training and from calibration, which reads the train split), and the mean KL divergence per
+  token from the bf16 model's next-token distribution to the method's on the same tokens;
+- accuracy on real questions from ../shared/data/eval through `bmx.eval` (3-shot, the likeliest
+  option letter by default; `--protocol biomistral` for the paper's generated letter), the first
+  N questions of each of four tasks;
+- forward throughput: tokens per second of a jitted forward on a [batch, seq] block, all models
+  timed round-robin, best of 7 rounds.
+`rtn` is AWQ's 4-bit format with round-to-nearest instead of the activation-aware search (the same
+group size): the baseline AWQ has to beat.
+
+    python -m bmx.data prepare ../shared/data/pmc_oa --out runs/pmc512 --seq-len 512
+    python -m bmx.train --config configs/quickstart.yaml data.path=runs/pmc512 run_dir=runs/quant_bench \
+        train.steps=120 checkpoint.every=120 train.eval_every=120
+    python bench/quant.py --ckpt runs/quant_bench/model --data runs/pmc512 --calib-samples 32 [--questions 75]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks
+from bmx.eval.scorers import JaxModelScorer
+from bmx.eval.tasks import load_tasks, resolve_tasks
+from bmx.model import load
+from bmx.quant import parameter_bytes, quantize, save_quantized
+from bmx.quant.calibration import calibration_tokens
+from bmx.quant.model import LINEAR_PATHS, linear_at
+from bmx.tokenizer import load_tokenizer
+
+METHODS = ("bf16", "int8", "nf4", "fp4", "rtn", "awq", "rtn@64", "awq@64")
+TASKS = "medqa,medmcqa,pubmedqa,mmlu_clinical_knowledge"
+
+
+def linear_bytes_per_param(model) -> float:
+    total_bytes = total_params = 0
+    for path in LINEAR_PATHS:
+        linear = linear_at(model.model.layers, path)
+        total_bytes += parameter_bytes(linear)
+        shape = linear.kernel.shape if hasattr(linear, "kernel") else None
+        if shape is None:
+            per_layer = int(np.prod(linear.in_shape)) * int(np.prod(linear.out_shape))
+            shape = (model.config.num_hidden_layers, per_layer)
+        total_params += int(np.prod(shape))
+    return total_bytes / total_params
+
+
+def held_out_quality(model, reference, data_dir: Path, batch: int = 4) -> tuple[float, float, int]:
+    """(perplexity, KL, tokens) on the validation split: the perplexity of `model`, and the mean per
+    token of KL(reference ‖ model) between next-token distributions (0 without a reference).
+
+    At this model size a 4-bit method moves the perplexity by a fraction of a percent either way;
+    the KL divergence to the bf16 model measures how far each method moved it at all."""
+    from bmx.data.loader import make_loader
+
+    @nnx.jit
+    def token_sums(model, reference, inputs, targets, mask):
+        log_probs = jax.nn.log_softmax(model(inputs).astype(jnp.float32))
+        losses = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        if reference is None:
+            kl = jnp.zeros_like(losses)
+        else:
+            reference_log_probs = jax.nn.log_softmax(reference(inputs).astype(jnp.float32))
+            kl = jnp.sum(jnp.exp(reference_log_probs) * (reference_log_probs - log_probs), axis=-1)
+        return jnp.sum(losses * mask), jnp.sum(kl * mask), jnp.sum(mask)
+
+    loss_sum, kl_sum, count = 0.0, 0.0, 0.0
+    for features in make_loader(data_dir, split="validation", global_batch_size=batch, num_epochs=1,
+                                process_index=0, process_count=1):
+        loss, kl, n = token_sums(model, reference,
+                                 *(jnp.asarray(features[k]) for k in ("inputs", "targets", "loss_mask")))
+        loss_sum, kl_sum, count = loss_sum + float(loss), kl_sum + float(kl), count + float(n)
+    return float(np.exp(loss_sum / count)), kl_sum / count, int(count)
+
+
+def accuracy(model, name: str, tokenizer, tasks, questions_per_task: int, protocol: str) -> tuple[float, int]:
+    settings = EvalSettings(protocol=protocol, shots=3, seeds=1, limit=questions_per_task, progress=False)
+    outcomes = evaluate_tasks([EvalModel(name, JaxModelScorer(model), tokenizer)], tasks, settings)
+    answered = sum(outcome.summary["n"] for outcome in outcomes)
+    correct = sum(outcome.summary["acc"] * outcome.summary["n"] for outcome in outcomes)
+    return correct / answered, answered
+
+
+def tokens_per_second(models: dict, batch: int, seq: int, rounds: int = 7) -> dict[str, float]:
+    """Forward throughput of each model, timed round-robin (one forward each per round) so that a
+    change in the machine's load hits every model alike; the best round counts."""
+    forward = nnx.jit(lambda model, ids: model(ids))
+    any_model = next(iter(models.values()))
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, any_model.config.vocab_size, (batch, seq)), jnp.int32)
+    for model in models.values():
+        forward(model, ids).block_until_ready()  # compile
+    best = {label: np.inf for label in models}
+    for _ in range(rounds):
+        for label, model in models.items():
+            start = time.perf_counter()
+            forward(model, ids).block_until_ready()
+            best[label] = min(best[label], time.perf_counter() - start)
+    return {label: batch * seq / seconds for label, seconds in best.items()}
+
+
+def run_method(label: str, args, work: Path, tasks, tokenizer, calib: np.ndarray, reference):
+    """`label` is a method, optionally with its own group size: `awq@64`; `reference` is the bf16 model."""
+    method, _, group_size = label.partition("@")
+    model, config = load(args.ckpt, dtype="bfloat16")
+    seconds = 0.0
+    if method != "bf16":
+        start = time.perf_counter()
+        quantize(model, method, group_size=int(group_size or args.group_size), double_quant=args.double_quant,
+                 calib_tokens=calib if method == "awq" else None, progress=False)
+        seconds = time.perf_counter() - start
+        save_quantized(model, work / label, source=args.ckpt)
+        model, _ = load(work / label)  # what bmx.eval loads
+    perplexity, kl, tokens = held_out_quality(model, None if method == "bf16" else reference, args.data)
+    acc, answered = accuracy(model, method, tokenizer, tasks, args.questions, args.protocol)
+    row = {"method": label, "bytes_per_param": parameter_bytes(model) / config.num_parameters(),
+           "linear_bytes_per_param": linear_bytes_per_param(model), "perplexity": perplexity, "kl_to_bf16": kl,
+           "perplexity_tokens": tokens, "accuracy": acc, "questions": answered, "quantize_seconds": seconds}
+    print(json.dumps(row), flush=True)
+    return row, model
+
+
+def table(rows: list[dict]) -> str:
+    base = next((row for row in rows if row["method"] == "bf16"), rows[0])
+    lines = ["| method | bytes/param (model) | bytes/param (linears) | held-out PMC ppl | Δ ppl | KL to bf16 "
+             f"(nats/token) | accuracy ({rows[0]['questions']} q) | forward tokens/s | quantize time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['bytes_per_param']:.3f} | {row['linear_bytes_per_param']:.3f} | "
+                     f"{row['perplexity']:.2f} | {row['perplexity'] - base['perplexity']:+.2f} | {row['kl_to_bf16']:.2e} | "
+                     f"{100 * row['accuracy']:.1f}% | {row['tokens_per_second']:,.0f} | {row['quantize_seconds']:.1f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="float bmx checkpoint")
+    parser.add_argument("--data", required=True, type=Path, help="prepared dataset: train split calibrates, "
+                                                                  "validation split measures perplexity")
+    parser.add_argument("--eval-data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"))
+    parser.add_argument("--methods", default=",".join(METHODS), help="METHOD or METHOD@GROUP_SIZE, comma-separated")
+    parser.add_argument("--questions", type=int, default=75, help="per task (4 tasks)")
+    parser.add_argument("--protocol", default="loglik", choices=("loglik", "biomistral"),
+                        help="loglik: the likeliest option letter (a small model rarely emits a letter at all)")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--double-quant", action="store_true")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args()
+
+    tasks = load_tasks(resolve_tasks(TASKS), args.eval_data)
+    tokenizer = load_tokenizer()
+    calib = calibration_tokens(args.data, args.calib_samples, args.calib_seq_len)
+    reference, _ = load(args.ckpt, dtype="bfloat16")
+    work = Path(tempfile.mkdtemp(prefix="bmx-bench-quant-"))
+    try:
+        results = [run_method(method, args, work, tasks, tokenizer, calib, reference)
+                   for method in args.methods.split(",")]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    speeds = tokens_per_second({row["method"]: model for row, model in results}, args.batch, args.seq)
+    rows = [{**row, "tokens_per_second": speeds[row["method"]]} for row, _ in results]
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\n{jax.devices()[0].device_kind}, group size {args.group_size}, calibration "
+          f"{args.calib_samples}×{args.calib_seq_len} tokens, {args.protocol} protocol\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
