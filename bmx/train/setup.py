@@ -136,9 +136,8 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
     eval_step = jax.jit(make_eval_step(loss_sums, mesh, rules),
                         in_shardings=(param_sharding, data_sharding, *frozen_sharding), out_shardings=replicated(mesh))
     return TrainSetup(mesh=mesh, rules=rules, model_config=model_config, seq_len=seq_len, build_model=build_model,
-                      graphdef=graphdef,
-                      param_sharding=param_sharding, opt_sharding=opt_sharding, abstract_params=abstract_params,
-                      abstract_opt_state=_with_shardings(unsharded_opt_state, opt_sharding), optimizer=optimizer,
+                      graphdef=graphdef, param_sharding=param_sharding, opt_sharding=opt_sharding,
+                      abstract_params=abstract_params, abstract_opt_state=_with_shardings(unsharded_opt_state, opt_sharding), optimizer=optimizer,
                       schedule=schedule, data_sharding=data_sharding, train_step=train_step, eval_step=eval_step,
                       abstract_base=abstract_base, attach_adapters=attach_adapters, merge_adapters=merge_adapters)
 
@@ -149,17 +148,15 @@ def _sft_parts(config: RunConfig, build_model: Callable[[int], Mistral], plain_g
     `lora.base_quantization`: QLoRA) and the dropout keys are frozen."""
     if config.init.from_ is None:
         raise ValueError("task: sft trains LoRA adapters on a base model: set init.from to a bmx checkpoint")
-    seed, method = config.init.seed, config.lora.base_quantization
-    scheme = None
-    if method != "none":
-        from bmx.quant.schemes import make_scheme
+    from bmx.quant.model import quantize_abstractly, quantize_model
+    from bmx.quant.schemes import make_scheme
 
-        scheme = make_scheme(method, double_quant=method in ("nf4", "fp4"))  # QLoRA's NF4 + double quantization
+    seed, method = config.init.seed, config.lora.base_quantization
+    # QLoRA quantizes NF4/FP4 with double quantization, as the QLoRA paper does.
+    scheme = None if method == "none" else make_scheme(method, double_quant=method in ("nf4", "fp4"))
 
     def adapted(model: Mistral, quantize: Callable) -> Mistral:
         return apply_lora(model if scheme is None else quantize(model, scheme), config.lora, seed=seed)
-
-    from bmx.quant.model import quantize_abstractly, quantize_model
 
     abstract = nnx.eval_shape(lambda: adapted(build_model(seed), quantize_abstractly))
     graphdef, abstract_lora, abstract_frozen = nnx.split(abstract, nnx.LoRAParam, ...)
