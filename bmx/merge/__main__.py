@@ -25,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if argv is None:  # the command line; a caller passing argv (tests, notebooks) keeps its own logging setup
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s", force=True)
     merge = run_merge_to_bmx if args.to_bmx else run_merge
     try:
         merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed)
