@@ -1,13 +1,3 @@
-"""torch runs one thread in these tests: on a shared 2-core machine its OpenMP threads spin and
-turn a 0.3 s transformers `generate` into 20 s; the previous setting is restored after each test."""
+"""The tests here compare against transformers generation and training: torch on one thread."""
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from torch_threads import single_threaded_torch  # noqa: F401  (an autouse fixture)

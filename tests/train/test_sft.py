@@ -10,9 +10,9 @@ from bmx.config_io import from_dict
 from bmx.convert import hf_to_bmx
 from bmx.data.loader import make_loader
 from bmx.data.prepare_sft import SFTSettings, prepare_sft
+from bmx.eval.tasks import load_task
 from bmx.lora.sft_data import qa_sft_rows
 from bmx.model.checkpoint import read_params
-from bmx.eval.tasks import load_task
 from bmx.tokenizer import load_tokenizer
 from bmx.train.config import RunConfig
 from bmx.train.loop import train
