@@ -68,10 +68,16 @@ def _allowed(query_index, key_index, query_segments, key_segments, key_valid, wi
 def _masked_softmax_attention(q, k, v, allowed, scale):
     """q [b, s, k, g, d], k/v [b, t, k, d], allowed broadcastable to [b, s, t] (query, key).
 
-    Scores are laid out [b, k, s, g, t]: the order a dot of q's (s, g) against k's t produces, so
-    XLA never transposes the big score and probability arrays (a [b, k, g, s, t] layout cost
-    three full transposes per layer on CPU).
+    The backward pass recomputes the scores and probabilities from q and k instead of keeping them,
+    as flash attention does: they are the largest activations of a layer, and writing them out
+    (into the layer scan's stacked residuals) costs more than the one extra q·k product.
     """
+    return jax.checkpoint(_softmax_attention, static_argnums=(4,))(q, k, v, allowed, scale)
+
+
+def _softmax_attention(q, k, v, allowed, scale):
+    """Scores are laid out [b, k, s, g, t]: the order a dot of q's (s, g) against k's t produces, so
+    XLA never transposes the big score and probability arrays in the forward pass."""
     scores = jnp.einsum("bskgd,btkd->bksgt", q, k, preferred_element_type=jnp.float32) * scale
     # A finite floor (not -inf) keeps fully padded query rows finite instead of NaN.
     scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)

@@ -42,9 +42,12 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         contracted = self.num_contracted
-        dimensions = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel, dimensions,
-                                   preferred_element_type=out_dtype or self.dtype)
+        leading = x.shape[:x.ndim - contracted]
+        tokens = x.reshape(-1, *x.shape[x.ndim - contracted:])
+        dimensions = ((tuple(range(1, 1 + contracted)), tuple(range(contracted))), ((), ()))
+        out = jax.lax.dot_general(tokens.astype(self.dtype), kernel, dimensions,
+                                  preferred_element_type=out_dtype or self.dtype)
+        return out.reshape(*leading, *out.shape[1:])
 
 
 class Embedding(nnx.Module):
