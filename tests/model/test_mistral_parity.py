@@ -92,3 +92,24 @@ def test_sliding_window_really_limits_attention(tmp_path):
     assert not np.allclose(base, near)
     with torch.no_grad():  # transformers agrees
         assert np.abs(far - hf_logits(reference, changed_far)[0, 39]).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_blocks_of_queries_give_transformers_logits(tmp_path, window):
+    """300 tokens: three blocks of causal attention (the last one partial), with and without a window
+    that reaches across blocks, on a left-padded batch and on two packed documents."""
+    reference, model, config = convert(tmp_path, num_hidden_layers=1, sliding_window=window)
+    rng = np.random.default_rng(5)
+    long, short = rng.integers(3, config.vocab_size, 300), rng.integers(3, config.vocab_size, 170)
+    input_ids = np.stack([long, np.concatenate([np.zeros(130, np.int64), short])])
+    mask = np.stack([np.ones(300, np.int64), np.concatenate([np.zeros(130, np.int64), np.ones(170, np.int64)])])
+    logits = np.asarray(model(input_ids, attention_mask=mask))
+    assert np.abs(logits[0] - hf_logits(reference, long[None])[0]).max() <= TOLERANCE
+    assert np.abs(logits[1, 130:] - hf_logits(reference, short[None])[0]).max() <= TOLERANCE
+
+    packed = np.concatenate([short, long[:130]])[None]
+    segment_ids = np.array([[0] * 170 + [1] * 130])
+    positions = np.array([list(range(170)) + list(range(130))])
+    logits = np.asarray(model(packed, positions=positions, segment_ids=segment_ids))[0]
+    assert np.abs(logits[:170] - hf_logits(reference, short[None])[0]).max() <= TOLERANCE
+    assert np.abs(logits[170:] - hf_logits(reference, long[None, :130])[0]).max() <= TOLERANCE

@@ -17,21 +17,23 @@ from bmx.model import load
 from bmx.train.step import make_loss_fn
 from flax import nnx
 
-# Sequences of 40 tokens: a window of 8 takes the blocked sliding-window path, no window the dense one.
+# (sequence length, model): a window of 8 over 40 tokens takes the sliding-window path; 300 tokens
+# without a window, three blocks of causal attention.
 CASES = {
-    "window8_gqa2": dict(num_key_value_heads=2, sliding_window=8),
-    "no_window_gqa4_tied": dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
-                                tie_word_embeddings=True),
+    "window8_gqa2": (40, dict(num_key_value_heads=2, sliding_window=8)),
+    "no_window_gqa4_tied_300_tokens": (300, dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+                                                 tie_word_embeddings=True, num_hidden_layers=1)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_loss_and_gradients_match_transformers(tmp_path, case, remat):
-    reference = save_tiny_hf_model(tmp_path / "hf", **CASES[case])
+    seq, overrides = CASES[case]
+    reference = save_tiny_hf_model(tmp_path / "hf", **overrides)
     hf_to_bmx(tmp_path / "hf", tmp_path / "bmx", progress=False)
     model, config = load(tmp_path / "bmx", remat=remat)
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 41))
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, seq + 1))
 
     logits = reference(input_ids=torch.as_tensor(tokens[:, :-1])).logits
     expected_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size),
@@ -41,7 +43,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, case, remat):
 
     graphdef, state = nnx.split(model)
     loss_sums = make_loss_fn(graphdef, vocab_chunk=0, z_loss_weight=0.0, document_masking=False)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((2, 40), np.float32)}
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((2, seq), np.float32)}
 
     def mean_loss(params):
         total, (_, count) = loss_sums(params, batch)
