@@ -1,6 +1,6 @@
 """Benchmark: training throughput of bmx vs transformers (PyTorch, AdamW) on the same Mistral shape and batch.
 
-    python bench/train_throughput.py [--steps 5] [--warmup 2] [--batch 4] [--seq 512]
+    python bench/train_throughput.py [--steps 5] [--warmup 2] [--batch 4] [--seq 512] [--rounds 1]
 
 Default shape ≈ 125M parameters (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048, vocab 32000),
 float32, batch 4 × 512. Each side runs in its own process (so peak RSS is its own) on random tokens.
@@ -90,9 +90,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the two sides this many times and report each side's median run "
+                             "(a shared machine's speed drifts between runs)")
     args = parser.parse_args()
     common = [json.dumps(SHAPE), str(args.steps), str(args.warmup), str(args.batch), str(args.seq)]
-    bmx, torch = run(BMX, common), run(TORCH, common)
+    rounds = [(run(BMX, common), run(TORCH, common)) for _ in range(args.rounds)]
+    for index, (bmx, torch) in enumerate(rounds if args.rounds > 1 else []):
+        print(f"round {index + 1}: bmx {bmx['tokens_per_second']:.0f} tokens/s, "
+              f"transformers {torch['tokens_per_second']:.0f} tokens/s")
+    bmx, torch = (sorted(side, key=lambda r: r["tokens_per_second"])[(len(side) - 1) // 2] for side in zip(*rounds))
     print(f"\nMistral ~125M (hidden 768, 12 layers, 12/4 heads, MLP 2048, vocab 32000), float32, "
           f"batch {args.batch} × {args.seq}, {args.steps} timed steps\n")
     print("| | tokens/s | step time (s) | MFU | peak RSS (GB) |")
