@@ -76,7 +76,7 @@ def _masked_softmax_attention(q, k, v, allowed, scale):
     as flash attention does: they are the largest activations of a layer, and writing them out
     (into the layer scan's stacked residuals) costs more than the one extra q·k product.
     """
-    return jax.checkpoint(_softmax_attention, static_argnums=(4,))(q, k, v, allowed, scale)
+    return _recomputed_softmax_attention(q, k, v, allowed, scale)
 
 
 def _softmax_attention(q, k, v, allowed, scale):
@@ -86,6 +86,9 @@ def _softmax_attention(q, k, v, allowed, scale):
     scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probabilities = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bksgt,btkd->bskgd", probabilities, v)
+
+
+_recomputed_softmax_attention = jax.checkpoint(_softmax_attention, static_argnums=(4,))
 
 
 def blocked_sliding_window_attention(q, k, v, masking: AttentionMasking, scale: float) -> jax.Array:

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_reference import save_tiny_hf_model
 
 from bmx.convert import hf_to_bmx
 from bmx.convert.mistral_table import hf_tensor_order
 from bmx.model import load
 from bmx.train.step import make_loss_fn
-from flax import nnx
 
 # (sequence length, model): a window of 8 over 40 tokens takes the sliding-window path; 300 tokens
 # without a window, three blocks of causal attention.
