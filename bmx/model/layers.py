@@ -79,6 +79,30 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) · up. Its backward pass keeps only gate and up: autodiff would also keep sigmoid(gate)
+    and silu(gate), and in a layer scan each kept [tokens, mlp] array is another stacked buffer to
+    zero-fill, write and read back."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_forward(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_backward(residuals, d_hidden):
+    gate, up = residuals
+    gate32, d_hidden32 = gate.astype(jnp.float32), d_hidden.astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(gate32)
+    d_gate = d_hidden32 * up.astype(jnp.float32) * sigmoid * (1 + gate32 * (1 - sigmoid))
+    d_up = d_hidden32 * gate32 * sigmoid
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+
+
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x))."""
 
@@ -89,6 +113,6 @@ class SwiGLU(nnx.Module):
         self.down_proj = Linear((intermediate_size,), (hidden_size,), ("mlp", "embed"), **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [batch, seq, mlp]
+        hidden = swiglu(self.gate_proj(x), self.up_proj(x))  # [batch, seq, mlp]
         hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         return self.down_proj(hidden)
