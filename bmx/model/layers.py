@@ -7,6 +7,7 @@ the trainer maps these names onto the device mesh (see `bmx.model.sharding`).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -74,9 +75,39 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def _normalised(x, eps):
+    x32 = x.astype(jnp.float32)
+    inverse_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32 * inverse_rms, inverse_rms
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) · weight. Its backward pass keeps only x and recomputes the rest (one reduction
+    over the features), where autodiff would keep x, the normalised x and 1/rms: two more stacked
+    buffers per norm in a layer scan."""
+    return _normalised(x, eps)[0].astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _rms_norm_forward(x, weight, eps):
+    return rms_norm(x, weight, eps), (x, weight)
+
+
+def _rms_norm_backward(eps, residuals, d_out):
+    x, weight = residuals
+    normed, inverse_rms = _normalised(x, eps)
+    d_out32 = d_out.astype(jnp.float32)
+    # The output is normed in x's dtype times the weight in x's dtype, as the forward rounds them.
+    d_weight = jnp.sum((d_out32 * normed.astype(x.dtype).astype(jnp.float32)).reshape(-1, x.shape[-1]), axis=0)
+    d_normed = d_out32 * weight.astype(x.dtype).astype(jnp.float32)
+    d_x = inverse_rms * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+    return d_x.astype(x.dtype), d_weight.astype(weight.dtype)
+
+
+rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
 @jax.custom_vjp
