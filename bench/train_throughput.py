@@ -1,17 +1,22 @@
 """Benchmark: training throughput of bmx vs transformers (PyTorch, AdamW) on the same Mistral shape and batch.
 
-    python bench/train_throughput.py [--steps 5] [--warmup 2] [--batch 4] [--seq 512] [--rounds 1]
+    python bench/train_throughput.py [--steps 5] [--warmup 2] [--batch 4] [--seq 512] [--rounds 1] [--system-malloc]
 
 Default shape ≈ 125M parameters (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 2048, vocab 32000),
-float32, batch 4 × 512. Each side runs in its own process (so peak RSS is its own) on random tokens.
+float32, batch 4 × 512. Each side runs in its own process (so peak RSS is its own) on random tokens,
+both with the malloc settings `python -m bmx.train` gives itself (freed host memory stays mapped;
+transformers gains from them too), or both with glibc's defaults (`--system-malloc`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+
+from bmx.train.host_memory import retained_memory_environment
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=4, sliding_window=4096, max_position_embeddings=4096)
@@ -77,8 +82,8 @@ print(json.dumps({"step_time": seconds, "tokens_per_second": batch * seq / secon
 """
 
 
-def run(code: str, args: list[str]) -> dict:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+def run(code: str, args: list[str], environment: dict[str, str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -93,15 +98,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the two sides this many times and report each side's median run "
                              "(a shared machine's speed drifts between runs)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="run both sides with glibc's default malloc instead of the retained host memory "
+                             "`python -m bmx.train` sets up (bmx/train/host_memory.py)")
     args = parser.parse_args()
+    environment = dict(os.environ, BMX_HOST_MALLOC="system") if args.system_malloc else \
+        retained_memory_environment(dict(os.environ))
     common = [json.dumps(SHAPE), str(args.steps), str(args.warmup), str(args.batch), str(args.seq)]
-    rounds = [(run(BMX, common), run(TORCH, common)) for _ in range(args.rounds)]
+    rounds = [(run(BMX, common, environment), run(TORCH, common, environment)) for _ in range(args.rounds)]
     for index, (bmx, torch) in enumerate(rounds if args.rounds > 1 else []):
         print(f"round {index + 1}: bmx {bmx['tokens_per_second']:.0f} tokens/s, "
               f"transformers {torch['tokens_per_second']:.0f} tokens/s")
     bmx, torch = (sorted(side, key=lambda r: r["tokens_per_second"])[(len(side) - 1) // 2] for side in zip(*rounds))
+    malloc = "glibc defaults" if args.system_malloc else "freed memory retained (both sides)"
     print(f"\nMistral ~125M (hidden 768, 12 layers, 12/4 heads, MLP 2048, vocab 32000), float32, "
-          f"batch {args.batch} × {args.seq}, {args.steps} timed steps\n")
+          f"batch {args.batch} × {args.seq}, {args.steps} timed steps, malloc: {malloc}\n")
     print("| | tokens/s | step time (s) | MFU | peak RSS (GB) |")
     print("|---|---:|---:|---:|---:|")
     for name, result in (("bmx (JAX)", bmx), ("transformers (PyTorch, AdamW)", torch)):

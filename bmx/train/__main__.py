@@ -37,4 +37,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from bmx.train.host_memory import reexec_with_retained_memory
+
+    reexec_with_retained_memory()
     sys.exit(main())
