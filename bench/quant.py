@@ -1,24 +1,30 @@
-"""Quantized vs bfloat16 side by side: memory, held-out PMC perplexity, medical QA accuracy, speed.
+"""Quantized vs bfloat16 side by side: memory, held-out perplexity, medical QA accuracy, speed.
 
-For each method the float checkpoint is loaded with bfloat16 parameters, quantized, written as a
-bmx checkpoint and loaded back through `bmx.model.load` (what `bmx.eval` does), then measured:
+Each quantized method is `python -m bmx.quant` (`quantize_checkpoint`) on the float checkpoint as
+stored, so AWQ searches and folds its scales in float32 from the float32 weights; its checkpoint is
+loaded back through `bmx.model.load` (what `bmx.eval` does) with bfloat16 float parameters
+(embedding, norms, LM head), as the bf16 model is loaded. Then each model is measured:
 - bytes per parameter: every array the model holds on the device ÷ the float parameter count,
   for the whole model and for the decoder linears alone (what the methods quantize);
-- perplexity on the validation split of a `python -m bmx.data prepare` dataset (held out from
-  training and from calibration, which reads the train split), and the mean KL divergence per
-  token from the bf16 model's next-token distribution to the method's on the same tokens;
+- perplexity on held-out text, and the mean KL divergence per token from the bf16 model's
+  next-token distribution to the method's on the same tokens: `--heldout DIR`, every split of a
+  `python -m bmx.data prepare` dataset the model was not trained on (by default the validation
+  split of `--data`, which with few documents is a small and narrow sample); Δ ppl comes with the
+  standard error of its mean over the held-out sequences, paired with the bf16 model's;
 - accuracy on real questions from ../shared/data/eval through `bmx.eval` (3-shot, the likeliest
   option letter by default; `--protocol biomistral` for the paper's generated letter), the first
   N questions of each of four tasks;
 - forward throughput: tokens per second of a jitted forward on a [batch, seq] block, all models
-  timed round-robin, best of 7 rounds.
+  timed round-robin, best of 7 rounds;
+- quantize time: the wall time of `quantize_checkpoint` (load, calibrate, quantize, write).
 `rtn` is AWQ's 4-bit format with round-to-nearest instead of the activation-aware search (the same
 group size): the baseline AWQ has to beat.
 
     python -m bmx.data prepare ../shared/data/pmc_oa --out runs/pmc512 --seq-len 512
     python -m bmx.train --config configs/quickstart.yaml data.path=runs/pmc512 run_dir=runs/quant_bench \
         train.steps=120 checkpoint.every=120 train.eval_every=120
-    python bench/quant.py --ckpt runs/quant_bench/model --data runs/pmc512 --calib-samples 32 [--questions 75]
+    python -m bmx.data prepare ../shared/data/pubmed_abstracts --out runs/pubmed512 --seq-len 512
+    python bench/quant.py --ckpt runs/quant_bench/model --data runs/pmc512 --heldout runs/pubmed512 [--questions 75]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -39,8 +46,8 @@ from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks
 from bmx.eval.scorers import JaxModelScorer
 from bmx.eval.tasks import load_tasks, resolve_tasks
 from bmx.model import load
-from bmx.quant import parameter_bytes, quantize, save_quantized
-from bmx.quant.calibration import calibration_tokens
+from bmx.quant import parameter_bytes
+from bmx.quant.pipeline import quantize_checkpoint
 from bmx.quant.model import LINEAR_PATHS, linear_at
 from bmx.tokenizer import load_tokenizer
 
@@ -61,13 +68,51 @@ def linear_bytes_per_param(model) -> float:
     return total_bytes / total_params
 
 
-def held_out_quality(model, reference, data_dir: Path, batch: int = 4) -> tuple[float, float, int]:
-    """(perplexity, KL, tokens) on the validation split: the perplexity of `model`, and the mean per
-    token of KL(reference ‖ model) between next-token distributions (0 without a reference).
+@dataclass
+class HeldOut:
+    """Token sequences no model here was trained or calibrated on, and what they are."""
+
+    records: np.ndarray  # [sequences, fields, seq_len], as stored by `bmx.data prepare`
+    fields: list[str]
+    description: str  # e.g. "pubmed512 (all splits)", for the table
+
+    def batches(self, batch: int):
+        from bmx.data.loader import batch_features
+
+        for start in range(0, len(self.records), batch):
+            yield batch_features(self.records[start:start + batch], self.fields)
+
+
+def read_held_out(data_dir: Path, splits: list[str] | None, max_tokens: int | None, seed: int = 0) -> HeldOut:
+    """The sequences of `splits` (every split when None) of a prepared dataset; with `max_tokens`, a
+    seeded random subset of whole sequences holding about that many scored tokens."""
+    import grain
+
+    from bmx.data.manifest import read_manifest, record_layout, shard_paths
+    from bmx.data.shards import decode_record
+
+    manifest = read_manifest(data_dir)
+    fields, seq_len, dtype = record_layout(manifest)
+    splits = splits or sorted(manifest["splits"])
+    records = []
+    for split in splits:
+        source = grain.sources.ArrayRecordDataSource(shard_paths(data_dir, split))
+        records += [decode_record(source[index], len(fields), seq_len, dtype) for index in range(len(source))]
+    records = np.stack(records)
+    if max_tokens is not None and max_tokens < len(records) * (seq_len - 1):
+        keep = np.random.default_rng(seed).permutation(len(records))[:-(-max_tokens // (seq_len - 1))]
+        records = records[np.sort(keep)]
+    which = "all splits" if len(splits) == len(manifest["splits"]) else " + ".join(splits)
+    return HeldOut(records, fields, f"{Path(data_dir).name} ({which})")
+
+
+def held_out_quality(model, reference, held_out: HeldOut, batch: int = 4) -> dict:
+    """The perplexity of `model` on `held_out`, the mean per token of KL(reference ‖ model) between
+    next-token distributions (0 without a reference), the tokens scored, and each sequence's summed
+    loss (`sequence_losses`, for paired standard errors).
 
     At this model size a 4-bit method moves the perplexity by a fraction of a percent either way;
     the KL divergence to the bf16 model measures how far each method moved it at all."""
-    from bmx.data.loader import make_loader
 
     @nnx.jit
     def token_sums(model, reference, inputs, targets, mask):
@@ -78,15 +123,25 @@ def held_out_quality(model, reference, data_dir: Path, batch: int = 4) -> tuple[
         else:
             reference_log_probs = jax.nn.log_softmax(reference(inputs).astype(jnp.float32))
             kl = jnp.sum(jnp.exp(reference_log_probs) * (reference_log_probs - log_probs), axis=-1)
-        return jnp.sum(losses * mask), jnp.sum(kl * mask), jnp.sum(mask)
+        return jnp.sum(losses * mask, axis=-1), jnp.sum(kl * mask), jnp.sum(mask)
 
-    loss_sum, kl_sum, count = 0.0, 0.0, 0.0
-    for features in make_loader(data_dir, split="validation", global_batch_size=batch, num_epochs=1,
-                                process_index=0, process_count=1):
-        loss, kl, n = token_sums(model, reference,
-                                 *(jnp.asarray(features[k]) for k in ("inputs", "targets", "loss_mask")))
-        loss_sum, kl_sum, count = loss_sum + float(loss), kl_sum + float(kl), count + float(n)
-    return float(np.exp(loss_sum / count)), kl_sum / count, int(count)
+    sequence_losses, kl_sum, count = [], 0.0, 0.0
+    for features in held_out.batches(batch):
+        losses, kl, n = token_sums(model, reference,
+                                   *(jnp.asarray(features[k]) for k in ("inputs", "targets", "loss_mask")))
+        sequence_losses.append(np.asarray(losses, np.float64))
+        kl_sum, count = kl_sum + float(kl), count + float(n)
+    sequence_losses = np.concatenate(sequence_losses)
+    return {"perplexity": float(np.exp(sequence_losses.sum() / count)), "kl_to_bf16": kl_sum / count,
+            "perplexity_tokens": int(count), "sequence_losses": sequence_losses}
+
+
+def perplexity_change_error(row: dict, base: dict) -> float:
+    """Standard error of `row`'s perplexity minus `base`'s over the held-out sequences (paired: the
+    same sequences), by the delta method on the mean loss per token."""
+    differences = row["sequence_losses"] - base["sequence_losses"]
+    mean_loss_error = np.std(differences, ddof=1) * np.sqrt(len(differences)) / row["perplexity_tokens"]
+    return row["perplexity"] * float(mean_loss_error)
 
 
 def accuracy(model, name: str, tokenizer, tasks, questions_per_task: int, protocol: str) -> tuple[float, int]:
@@ -114,35 +169,41 @@ def tokens_per_second(models: dict, batch: int, seq: int, rounds: int = 7) -> di
     return {label: batch * seq / seconds for label, seconds in best.items()}
 
 
-def run_method(label: str, args, work: Path, tasks, tokenizer, calib: np.ndarray, reference):
+def run_method(label: str, args, work: Path, tasks, tokenizer, held_out: HeldOut, reference):
     """`label` is a method, optionally with its own group size: `awq@64`; `reference` is the bf16 model."""
     method, _, group_size = label.partition("@")
-    model, config = load(args.ckpt, dtype="bfloat16")
-    seconds = 0.0
+    ckpt, seconds = args.ckpt, 0.0
     if method != "bf16":
         start = time.perf_counter()
-        quantize(model, method, group_size=int(group_size or args.group_size), double_quant=args.double_quant,
-                 calib_tokens=calib if method == "awq" else None, progress=False)
+        ckpt = quantize_checkpoint(args.ckpt, work / label, method, group_size=int(group_size or args.group_size),
+                                   double_quant=args.double_quant, calib=args.data if method == "awq" else None,
+                                   calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, progress=False)
         seconds = time.perf_counter() - start
-        save_quantized(model, work / label, source=args.ckpt)
-        model, _ = load(work / label)  # what bmx.eval loads
-    perplexity, kl, tokens = held_out_quality(model, None if method == "bf16" else reference, args.data)
+    model, config = load(ckpt, dtype="bfloat16")
+    quality = held_out_quality(model, None if method == "bf16" else reference, held_out)
     acc, answered = accuracy(model, method, tokenizer, tasks, args.questions, args.protocol)
     row = {"method": label, "bytes_per_param": parameter_bytes(model) / config.num_parameters(),
-           "linear_bytes_per_param": linear_bytes_per_param(model), "perplexity": perplexity, "kl_to_bf16": kl,
-           "perplexity_tokens": tokens, "accuracy": acc, "questions": answered, "quantize_seconds": seconds}
-    print(json.dumps(row), flush=True)
+           "linear_bytes_per_param": linear_bytes_per_param(model), **quality, "accuracy": acc,
+           "questions": answered, "quantize_seconds": seconds}
+    print(json.dumps(printable(row)), flush=True)
     return row, model
 
 
-def table(rows: list[dict]) -> str:
+def printable(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key != "sequence_losses"}
+
+
+def table(rows: list[dict], held_out: str) -> str:
     base = next((row for row in rows if row["method"] == "bf16"), rows[0])
-    lines = ["| method | bytes/param (model) | bytes/param (linears) | held-out PMC ppl | Δ ppl | KL to bf16 "
+    lines = [f"| method | bytes/param (model) | bytes/param (linears) | ppl, {held_out} | Δ ppl ± s.e. | KL to bf16 "
              f"(nats/token) | accuracy ({rows[0]['questions']} q) | forward tokens/s | quantize time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        change = f"{row['perplexity'] - base['perplexity']:+.2f}"
+        if row is not base:
+            change += f" ± {perplexity_change_error(row, base):.2f}"
         lines.append(f"| {row['method']} | {row['bytes_per_param']:.3f} | {row['linear_bytes_per_param']:.3f} | "
-                     f"{row['perplexity']:.2f} | {row['perplexity'] - base['perplexity']:+.2f} | {row['kl_to_bf16']:.2e} | "
+                     f"{row['perplexity']:.2f} | {change} | {row['kl_to_bf16']:.2e} | "
                      f"{100 * row['accuracy']:.1f}% | {row['tokens_per_second']:,.0f} | {row['quantize_seconds']:.1f} s |")
     return "\n".join(lines)
 
@@ -150,8 +211,11 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="float bmx checkpoint")
-    parser.add_argument("--data", required=True, type=Path, help="prepared dataset: train split calibrates, "
-                                                                  "validation split measures perplexity")
+    parser.add_argument("--data", required=True, type=Path, help="prepared dataset: its train split calibrates")
+    parser.add_argument("--heldout", type=Path, help="prepared dataset never trained on: all its splits measure "
+                                                     "perplexity (default: the validation split of --data)")
+    parser.add_argument("--heldout-tokens", type=int, help="score a random subset of about this many held-out "
+                                                           "tokens (whole sequences; default: all)")
     parser.add_argument("--eval-data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"))
     parser.add_argument("--methods", default=",".join(METHODS), help="METHOD or METHOD@GROUP_SIZE, comma-separated")
     parser.add_argument("--questions", type=int, default=75, help="per task (4 tasks)")
@@ -168,21 +232,22 @@ def main() -> None:
 
     tasks = load_tasks(resolve_tasks(TASKS), args.eval_data)
     tokenizer = load_tokenizer()
-    calib = calibration_tokens(args.data, args.calib_samples, args.calib_seq_len)
+    held_out = read_held_out(args.heldout or args.data, None if args.heldout else ["validation"], args.heldout_tokens)
     reference, _ = load(args.ckpt, dtype="bfloat16")
     work = Path(tempfile.mkdtemp(prefix="bmx-bench-quant-"))
     try:
-        results = [run_method(method, args, work, tasks, tokenizer, calib, reference)
+        results = [run_method(method, args, work, tasks, tokenizer, held_out, reference)
                    for method in args.methods.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     speeds = tokens_per_second({row["method"]: model for row, model in results}, args.batch, args.seq)
     rows = [{**row, "tokens_per_second": speeds[row["method"]]} for row, _ in results]
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps([printable(row) for row in rows], indent=2) + "\n")
     print(f"\n{jax.devices()[0].device_kind}, group size {args.group_size}, calibration "
-          f"{args.calib_samples}×{args.calib_seq_len} tokens, {args.protocol} protocol\n")
-    print(table(rows))
+          f"{args.calib_samples}×{args.calib_seq_len} tokens, perplexity on {rows[0]['perplexity_tokens']:,} tokens "
+          f"of {held_out.description}, {args.protocol} protocol\n")
+    print(table(rows, held_out.description))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def _forward(q, k, v, allowed_blocks, scale: float, spans: tuple[Span, ...]):
         log_sum_exps.append((row_max + jnp.log(row_sum))[..., 0].reshape(b, kv, g, end - start))
     out_heads = jnp.concatenate(outputs, axis=3)  # [b, k, g, s, d]
     log_sum_exp = jnp.concatenate(log_sum_exps, axis=3)  # [b, k, g, s]
-    return out_heads.transpose(0, 3, 1, 2, 4), (out_heads, log_sum_exp)
+    return out_heads.transpose(0, 3, 1, 2, 4), (q_heads, k_heads, v_heads, out_heads, log_sum_exp)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -75,13 +75,12 @@ def blocked_causal_attention(q, k, v, allowed_blocks, scale: float, spans: tuple
 
 
 def _forward_with_residuals(q, k, v, allowed_blocks, scale, spans):
-    out, (out_heads, log_sum_exp) = _forward(q, k, v, allowed_blocks, scale, spans)
-    return out, (q, k, v, allowed_blocks, out_heads, log_sum_exp)
+    out, heads_first = _forward(q, k, v, allowed_blocks, scale, spans)
+    return out, (allowed_blocks, *heads_first)  # heads first, the layout the backward multiplies in
 
 
 def _backward(scale, spans, residuals, d_out):
-    q, k, v, allowed_blocks, out_heads, log_sum_exp = residuals
-    q_heads, k_heads, v_heads = _heads_first(q, k, v)
+    allowed_blocks, q_heads, k_heads, v_heads, out_heads, log_sum_exp = residuals
     b, kv, g, seq, head_dim = q_heads.shape
     d_out_heads = d_out.transpose(0, 2, 3, 1, 4)  # [b, k, g, s, d]
     # Σ_keys P·dP per query row equals dO · O: a sum over head_dim instead of over the keys.
@@ -90,8 +89,8 @@ def _backward(scale, spans, residuals, d_out):
     # left operand runs at half speed on CPU, dO^T·P at full speed (the barrier keeps XLA from
     # folding the transposes back into the products).
     d_queries = []
-    d_keys_t = jnp.zeros((b, kv, head_dim, k.shape[1]), jnp.float32)
-    d_values_t = jnp.zeros((b, kv, head_dim, v.shape[1]), jnp.float32)
+    d_keys_t = jnp.zeros((b, kv, head_dim, k_heads.shape[2]), jnp.float32)
+    d_values_t = jnp.zeros((b, kv, head_dim, v_heads.shape[2]), jnp.float32)
     for span, allowed in zip(spans, allowed_blocks):
         start, end, first_key, key_end = span
         rows = g * (end - start)
@@ -101,18 +100,18 @@ def _backward(scale, spans, residuals, d_out):
         d_out_block = d_out_heads[:, :, :, start:end].reshape(b, kv, rows, head_dim)
         keys, values = k_heads[:, :, first_key:key_end], v_heads[:, :, first_key:key_end]
         d_values_t = d_values_t.at[..., first_key:key_end].add(jax.lax.optimization_barrier(jnp.einsum(
-            "bkdq,bkqs->bkds", jnp.swapaxes(d_out_block, 2, 3), probabilities.astype(v.dtype),
+            "bkdq,bkqs->bkds", jnp.swapaxes(d_out_block, 2, 3), probabilities.astype(v_heads.dtype),
             preferred_element_type=jnp.float32)))
         d_probabilities = jnp.einsum("bkqd,bksd->bkqs", d_out_block, values, preferred_element_type=jnp.float32)
         block_delta = delta[:, :, :, start:end].reshape(b, kv, rows, 1)
-        d_scores = (probabilities * (d_probabilities - block_delta) * scale).astype(q.dtype)
+        d_scores = (probabilities * (d_probabilities - block_delta) * scale).astype(q_heads.dtype)
         d_queries.append(jnp.einsum("bkqs,bksd->bkqd", d_scores, keys, preferred_element_type=jnp.float32)
                          .reshape(b, kv, g, end - start, head_dim))
         d_keys_t = d_keys_t.at[..., first_key:key_end].add(jax.lax.optimization_barrier(jnp.einsum(
             "bkdq,bkqs->bkds", jnp.swapaxes(q_block, 2, 3), d_scores, preferred_element_type=jnp.float32)))
-    d_q = jnp.concatenate(d_queries, axis=3).transpose(0, 3, 1, 2, 4).astype(q.dtype)
-    d_k = d_keys_t.transpose(0, 3, 1, 2).astype(k.dtype)
-    d_v = d_values_t.transpose(0, 3, 1, 2).astype(v.dtype)
+    d_q = jnp.concatenate(d_queries, axis=3).transpose(0, 3, 1, 2, 4).astype(q_heads.dtype)
+    d_k = d_keys_t.transpose(0, 3, 1, 2).astype(k_heads.dtype)
+    d_v = d_values_t.transpose(0, 3, 1, 2).astype(v_heads.dtype)
     return d_q, d_k, d_v, tuple(None for _ in allowed_blocks)
 
 

@@ -14,11 +14,18 @@ For each decoder layer, on the float model's calibration activations:
    threshold per output row and group — max|w| × (1 − i/20), i < 10 — minimising the error of
    its output on a subsample of 512 scaled calibration tokens, and clip;
 4. round to nearest with a zero point per group (`awq_format`).
+
+The search and the folding work on float32 copies of each layer's parameters, whatever the
+model's parameter dtype: a bfloat16 model would otherwise round every candidate Q(W·s)/s to 8 bits
+of mantissa (AutoAWQ works in float16). Only the result is cast back: the folded norm weights w/s
+to the model's parameter dtype, the linears to the 4-bit format. The calibration activations and
+block outputs are computed in the model's computation dtype; `quantize_checkpoint` loads the model
+with float32 computation for AWQ.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -123,9 +130,19 @@ def _block_output(graph, state, inspected: str, x, cos, sin, masking):
     return _inspect(nnx.merge(graph, state), inspected, x, cos, sin, masking)
 
 
-def search_scales(layer: LayerCalibration, group: ScalingGroup, model: Mistral, group_size: int,
-                  chunk: int, duo_scaling: bool = False) -> tuple[jax.Array, float]:
-    """The best per-input-channel scales of `group` and the α that gave them."""
+def with_float32_parameters(layer: LayerCalibration) -> LayerCalibration:
+    """The layer with its floating-point parameters upcast to float32 (exactly: the same values)."""
+    def upcast(array):
+        return array.astype(jnp.float32) if jnp.issubdtype(array.dtype, jnp.floating) else array
+
+    return replace(layer, state=jax.tree.map(upcast, layer.state))
+
+
+def scale_search_errors(layer: LayerCalibration, group: ScalingGroup, model: Mistral, group_size: int,
+                        chunk: int, duo_scaling: bool = False) -> tuple[np.ndarray, list[jax.Array]]:
+    """For each α on the grid, the squared error of `group`'s block output with its linears fake-quantized
+    as Q(W·s)/s, and the scales s; the candidates are float32 whatever the layer's parameter dtype."""
+    layer = with_float32_parameters(layer)
     module = nnx.merge(layer.graph, layer.state)
     x = layer.input_of(group.linears[0])  # [sequences, seq, in features]
     x_mean = mean_abs_activation(x)
@@ -139,16 +156,22 @@ def search_scales(layer: LayerCalibration, group: ScalingGroup, model: Mistral, 
     tables = [rotary_tables(model, *piece.shape[:2]) for piece in chunks]
     references = [_block_output(layer.graph, layer.state, group.inspected, piece, cos, sin, masking)
                   for piece, (cos, sin) in zip(chunks, tables)]
-    best = (np.inf, None, None)
+    errors, candidates = [], []
     for step in range(GRID):
-        ratio = step / GRID
-        scales = candidate_scales(x_mean, w_mean, ratio, duo_scaling)
-        error = sum(float(_group_squared_error(layer.graph, layer.state, group, scales, piece, reference, cos, sin,
-                                               masking, group_size))
-                    for piece, reference, (cos, sin) in zip(chunks, references, tables))
-        if error < best[0]:
-            best = (error, scales, ratio)
-    return best[1], best[2]
+        scales = candidate_scales(x_mean, w_mean, step / GRID, duo_scaling)
+        errors.append(sum(float(_group_squared_error(layer.graph, layer.state, group, scales, piece, reference, cos,
+                                                     sin, masking, group_size))
+                          for piece, reference, (cos, sin) in zip(chunks, references, tables)))
+        candidates.append(scales)
+    return np.array(errors), candidates
+
+
+def search_scales(layer: LayerCalibration, group: ScalingGroup, model: Mistral, group_size: int,
+                  chunk: int, duo_scaling: bool = False) -> tuple[jax.Array, float]:
+    """The best per-input-channel scales of `group` and the α that gave them (the first of equals)."""
+    errors, candidates = scale_search_errors(layer, group, model, group_size, chunk, duo_scaling)
+    best = int(np.argmin(np.nan_to_num(errors, nan=np.inf)))
+    return candidates[best], best / GRID
 
 
 @partial(jax.jit, static_argnames=("group_size",))
@@ -213,7 +236,7 @@ def fold_scales(matrices: dict, norms: dict, groups: list[ScalingGroup], scales:
 
 
 def awq_layer(layer: LayerCalibration, model: Mistral, group_size: int, chunk: int = 8, duo_scaling: bool = False):
-    """Scaled and clipped float matrices `[in, out]` per linear, new norm weights, and the chosen α."""
+    """Scaled and clipped float32 matrices `[in, out]` per linear, float32 norm weights, and the chosen α."""
     groups = scaling_groups(model.config)
     searched = [search_scales(layer, group, model, group_size, chunk, duo_scaling) for group in groups]
     scales = [group_scales for group_scales, _ in searched]

@@ -126,6 +126,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, method:
     Everything that can be checked up front is, before the model is loaded; the outputs appear
     only once complete.
     """
+    import jax.numpy as jnp
+
     from bmx.quant.hf_export import check_exportable
 
     make_scheme(method, group_size=group_size, blocksize=blocksize, double_quant=double_quant)
@@ -140,7 +142,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, method:
     if method == "int8" and calib is not None and outlier_threshold is None:
         outlier_threshold = OUTLIER_THRESHOLD
     tokens = calibration_tokens(calib, calib_samples, calib_seq_len) if calib is not None else None
-    model = load_float_model(ckpt)
+    # AWQ ranks its candidates by small differences in block output error: computed in float32, not bfloat16.
+    model = load_float_model(ckpt, compute_dtype=jnp.float32 if method == "awq" else None)
     quantize(model, method, group_size=group_size, blocksize=blocksize, double_quant=double_quant,
              calib_tokens=tokens, outlier_threshold=outlier_threshold, duo_scaling=duo_scaling, progress=progress)
     source = ckpt if (Path(ckpt) / METADATA_FILE).is_file() else None
