@@ -10,7 +10,12 @@ loaded back through `bmx.model.load` (what `bmx.eval` does) with bfloat16 float 
   next-token distribution to the method's on the same tokens: `--heldout DIR`, every split of a
   `python -m bmx.data prepare` dataset the model was not trained on (by default the validation
   split of `--data`, which with few documents is a small and narrow sample); Δ ppl comes with the
-  standard error of its mean over the held-out sequences, paired with the bf16 model's;
+  standard error of its mean over the held-out sequences, paired with the bf16 model's; and the
+  softmax temperature at which each model's held-out perplexity would be lowest (T*, from a parabola
+  through T = 0.9 … 1.1). Perplexity is a fair measure of quantization loss only when the bf16 model
+  is calibrated on the held-out text (T* ≈ 1): at T* ≠ 1 the noise a method adds, which flattens the
+  distributions, moves perplexity towards its optimum, so the noisier method can "win". Δ ppl at T*
+  compares each model at its own best temperature, which removes that effect;
 - accuracy on real questions from ../shared/data/eval through `bmx.eval` (3-shot, the likeliest
   option letter by default; `--protocol biomistral` for the paper's generated letter), the first
   N questions of each of four tasks;
@@ -20,11 +25,9 @@ loaded back through `bmx.model.load` (what `bmx.eval` does) with bfloat16 float 
 `rtn` is AWQ's 4-bit format with round-to-nearest instead of the activation-aware search (the same
 group size): the baseline AWQ has to beat.
 
-    python -m bmx.data prepare ../shared/data/pmc_oa --out runs/pmc512 --seq-len 512
-    python -m bmx.train --config configs/quickstart.yaml data.path=runs/pmc512 run_dir=runs/quant_bench \
-        train.steps=120 checkpoint.every=120 train.eval_every=120
-    python -m bmx.data prepare ../shared/data/pubmed_abstracts --out runs/pubmed512 --seq-len 512
-    python bench/quant.py --ckpt runs/quant_bench/model --data runs/pmc512 --heldout runs/pubmed512 [--questions 75]
+    python -m bmx.data prepare ../shared/data/pmc_oa --out runs/pmc512v15 --seq-len 512 --val-fraction 0.15
+    python -m bmx.train --config configs/quant_bench.yaml   # ~25 min on 2 CPU cores
+    python bench/quant.py --ckpt runs/quant_bench512/model --data runs/pmc512v15 [--questions 75]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from bmx.tokenizer import load_tokenizer
 
 METHODS = ("bf16", "int8", "nf4", "fp4", "rtn", "awq", "rtn@64", "awq@64")
 TASKS = "medqa,medmcqa,pubmedqa,mmlu_clinical_knowledge"
+TEMPERATURES = (0.9, 0.95, 1.0, 1.05, 1.1)  # where held-out loss is measured to find each model's best one
 
 
 def linear_bytes_per_param(model) -> float:
@@ -114,34 +118,57 @@ def held_out_quality(model, reference, held_out: HeldOut, batch: int = 4) -> dic
     At this model size a 4-bit method moves the perplexity by a fraction of a percent either way;
     the KL divergence to the bf16 model measures how far each method moved it at all."""
 
+    def target_losses(logits, targets):
+        log_probs = jax.nn.log_softmax(logits)
+        return log_probs, -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
     @nnx.jit
     def token_sums(model, reference, inputs, targets, mask):
-        log_probs = jax.nn.log_softmax(model(inputs).astype(jnp.float32))
-        losses = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        logits = model(inputs).astype(jnp.float32)
+        log_probs, losses = target_losses(logits, targets)
         if reference is None:
             kl = jnp.zeros_like(losses)
         else:
             reference_log_probs = jax.nn.log_softmax(reference(inputs).astype(jnp.float32))
             kl = jnp.sum(jnp.exp(reference_log_probs) * (reference_log_probs - log_probs), axis=-1)
-        return jnp.sum(losses * mask, axis=-1), jnp.sum(kl * mask), jnp.sum(mask)
+        tempered = jnp.stack([jnp.sum(target_losses(logits / t, targets)[1] * mask, axis=-1)
+                              for t in TEMPERATURES], axis=-1)
+        return jnp.sum(losses * mask, axis=-1), jnp.sum(kl * mask), jnp.sum(mask), tempered
 
-    sequence_losses, kl_sum, count = [], 0.0, 0.0
+    sequence_losses, kl_sum, count, tempered_losses = [], 0.0, 0.0, []
     for features in held_out.batches(batch):
-        losses, kl, n = token_sums(model, reference,
-                                   *(jnp.asarray(features[k]) for k in ("inputs", "targets", "loss_mask")))
+        losses, kl, n, tempered = token_sums(model, reference,
+                                             *(jnp.asarray(features[k]) for k in ("inputs", "targets", "loss_mask")))
         sequence_losses.append(np.asarray(losses, np.float64))
+        tempered_losses.append(np.asarray(tempered, np.float64))
         kl_sum, count = kl_sum + float(kl), count + float(n)
     sequence_losses = np.concatenate(sequence_losses)
     return {"perplexity": float(np.exp(sequence_losses.sum() / count)), "kl_to_bf16": kl_sum / count,
-            "perplexity_tokens": int(count), "sequence_losses": sequence_losses}
+            "perplexity_tokens": int(count), **best_temperature(np.concatenate(tempered_losses), count),
+            "sequence_losses": sequence_losses}
 
 
-def perplexity_change_error(row: dict, base: dict) -> float:
+def best_temperature(tempered_losses: np.ndarray, count: float) -> dict:
+    """The softmax temperature T* minimising the held-out loss, from the least-squares parabola through
+    the mean loss per token at each of `TEMPERATURES` (`tempered_losses`: each sequence's summed loss
+    at each), and the perplexity there. The parabola's value at T* is a fixed weighting of the losses
+    at the grid points, so each sequence's loss at T* is that weighting of its own (for paired errors)."""
+    grid = np.vander(np.asarray(TEMPERATURES), 3)  # columns T², T, 1
+    fit = np.linalg.pinv(grid)  # parabola coefficients from losses at the grid points
+    curvature, slope, _ = fit @ (tempered_losses.sum(axis=0) / count)
+    best = -slope / (2 * curvature)
+    at_best = tempered_losses @ (np.array([best ** 2, best, 1.0]) @ fit)
+    return {"best_temperature": float(best), "perplexity_at_best_temperature": float(np.exp(at_best.sum() / count)),
+            "sequence_losses_at_best_temperature": at_best}
+
+
+def perplexity_change_error(row: dict, base: dict, at_best_temperature: bool = False) -> float:
     """Standard error of `row`'s perplexity minus `base`'s over the held-out sequences (paired: the
-    same sequences), by the delta method on the mean loss per token."""
-    differences = row["sequence_losses"] - base["sequence_losses"]
+    same sequences), by the delta method on the mean loss per token; at each model's T* if asked."""
+    suffix = "_at_best_temperature" if at_best_temperature else ""
+    differences = row["sequence_losses" + suffix] - base["sequence_losses" + suffix]
     mean_loss_error = np.std(differences, ddof=1) * np.sqrt(len(differences)) / row["perplexity_tokens"]
-    return row["perplexity"] * float(mean_loss_error)
+    return row["perplexity" + suffix] * float(mean_loss_error)
 
 
 def accuracy(model, name: str, tokenizer, tasks, questions_per_task: int, protocol: str) -> tuple[float, int]:
@@ -190,21 +217,41 @@ def run_method(label: str, args, work: Path, tasks, tokenizer, held_out: HeldOut
 
 
 def printable(row: dict) -> dict:
-    return {key: value for key, value in row.items() if key != "sequence_losses"}
+    return {key: value for key, value in row.items() if not key.startswith("sequence_losses")}
 
 
 def table(rows: list[dict], held_out: str) -> str:
     base = next((row for row in rows if row["method"] == "bf16"), rows[0])
     lines = [f"| method | bytes/param (model) | bytes/param (linears) | ppl, {held_out} | Δ ppl ± s.e. | KL to bf16 "
-             f"(nats/token) | accuracy ({rows[0]['questions']} q) | forward tokens/s | quantize time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"(nats/token) | T* | Δ ppl at T* | accuracy ({rows[0]['questions']} q) | forward tokens/s | quantize time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         change = f"{row['perplexity'] - base['perplexity']:+.2f}"
+        change_at_best = f"{row['perplexity_at_best_temperature'] - base['perplexity_at_best_temperature']:+.2f}"
         if row is not base:
             change += f" ± {perplexity_change_error(row, base):.2f}"
+            change_at_best += f" ± {perplexity_change_error(row, base, at_best_temperature=True):.2f}"
         lines.append(f"| {row['method']} | {row['bytes_per_param']:.3f} | {row['linear_bytes_per_param']:.3f} | "
-                     f"{row['perplexity']:.2f} | {change} | {row['kl_to_bf16']:.2e} | "
-                     f"{100 * row['accuracy']:.1f}% | {row['tokens_per_second']:,.0f} | {row['quantize_seconds']:.1f} s |")
+                     f"{row['perplexity']:.2f} | {change} | {row['kl_to_bf16']:.2e} | {row['best_temperature']:.3f} | "
+                     f"{change_at_best} | {100 * row['accuracy']:.1f}% | {row['tokens_per_second']:,.0f} | "
+                     f"{row['quantize_seconds']:.1f} s |")
+    return "\n".join(lines)
+
+
+def awq_against_round_to_nearest(rows: list[dict], default_group_size: int) -> str:
+    """AWQ's perplexity minus RTN's at each group size both ran at, with the paired standard error:
+    the comparison the AWQ search has to win."""
+    by_method = {row["method"]: row for row in rows}
+    lines = []
+    for label, awq in by_method.items():
+        rtn = by_method.get(label.replace("awq", "rtn"))
+        if not label.startswith("awq") or rtn is None:
+            continue
+        group = label.partition("@")[2] or default_group_size
+        lines.append(f"awq − rtn, group {group}: {awq['perplexity'] - rtn['perplexity']:+.3f} "
+                     f"± {perplexity_change_error(awq, rtn):.3f} ppl, at each model's T*: "
+                     f"{awq['perplexity_at_best_temperature'] - rtn['perplexity_at_best_temperature']:+.3f} "
+                     f"± {perplexity_change_error(awq, rtn, at_best_temperature=True):.3f}")
     return "\n".join(lines)
 
 
@@ -248,6 +295,7 @@ def main() -> None:
           f"{args.calib_samples}×{args.calib_seq_len} tokens, perplexity on {rows[0]['perplexity_tokens']:,} tokens "
           f"of {held_out.description}, {args.protocol} protocol\n")
     print(table(rows, held_out.description))
+    print("\n" + awq_against_round_to_nearest(rows, args.group_size))
 
 
 if __name__ == "__main__":
