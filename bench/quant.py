@@ -26,7 +26,7 @@ loaded back through `bmx.model.load` (what `bmx.eval` does) with bfloat16 float 
 group size): the baseline AWQ has to beat.
 
     python -m bmx.data prepare ../shared/data/pmc_oa --out runs/pmc512v15 --seq-len 512 --val-fraction 0.15
-    python -m bmx.train --config configs/quant_bench.yaml   # ~25 min on 2 CPU cores
+    python -m bmx.train --config configs/quant_bench.yaml   # ~35 min on 2 CPU cores
     python bench/quant.py --ckpt runs/quant_bench512/model --data runs/pmc512v15 [--questions 75]
 """
 
