@@ -15,7 +15,10 @@ loaded back through `bmx.model.load` (what `bmx.eval` does) with bfloat16 float 
   through T = 0.9 … 1.1). Perplexity is a fair measure of quantization loss only when the bf16 model
   is calibrated on the held-out text (T* ≈ 1): at T* ≠ 1 the noise a method adds, which flattens the
   distributions, moves perplexity towards its optimum, so the noisier method can "win". Δ ppl at T*
-  compares each model at its own best temperature, which removes that effect;
+  compares each model at its own best temperature, which removes that effect.
+  `--calibrate-temperature` removes it at the source instead: every method then quantizes a copy of
+  the model whose LM head is divided by the bf16 model's T* on the held-out sequences left unscored
+  (temperature scaling, one number fitted on text disjoint from what is scored);
 - accuracy on real questions from ../shared/data/eval through `bmx.eval` (3-shot, the likeliest
   option letter by default; `--protocol biomistral` for the paper's generated letter), the first
   N questions of each of four tasks;
@@ -27,7 +30,8 @@ group size): the baseline AWQ has to beat.
 
     python -m bmx.data prepare ../shared/data/pmc_oa --out runs/pmc512v15 --seq-len 512 --val-fraction 0.15
     python -m bmx.train --config configs/quant_bench.yaml   # ~35 min on 2 CPU cores
-    python bench/quant.py --ckpt runs/quant_bench512/model --data runs/pmc512v15 [--questions 75]
+    python bench/quant.py --ckpt runs/quant_bench512/model --data runs/pmc512v15 --calibrate-temperature \
+        --heldout-tokens 120000 [--questions 75]
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks
 from bmx.eval.scorers import JaxModelScorer
 from bmx.eval.tasks import load_tasks, resolve_tasks
 from bmx.model import load
+from bmx.model.checkpoint import read_config, read_params, write_checkpoint
 from bmx.quant import parameter_bytes
 from bmx.quant.pipeline import quantize_checkpoint
 from bmx.quant.model import LINEAR_PATHS, linear_at
@@ -86,10 +91,20 @@ class HeldOut:
         for start in range(0, len(self.records), batch):
             yield batch_features(self.records[start:start + batch], self.fields)
 
+    def split(self, max_tokens: int | None, seed: int = 0) -> tuple[HeldOut, HeldOut | None]:
+        """A seeded random subset of whole sequences holding about `max_tokens` scored tokens, and the
+        sequences left over (None when the subset is everything)."""
+        seq_len = self.records.shape[-1]
+        if max_tokens is None or max_tokens >= len(self.records) * (seq_len - 1):
+            return self, None
+        order = np.random.default_rng(seed).permutation(len(self.records))
+        chosen = -(-max_tokens // (seq_len - 1))
+        return (HeldOut(self.records[np.sort(order[:chosen])], self.fields, self.description),
+                HeldOut(self.records[np.sort(order[chosen:])], self.fields, f"{self.description}, the rest"))
 
-def read_held_out(data_dir: Path, splits: list[str] | None, max_tokens: int | None, seed: int = 0) -> HeldOut:
-    """The sequences of `splits` (every split when None) of a prepared dataset; with `max_tokens`, a
-    seeded random subset of whole sequences holding about that many scored tokens."""
+
+def read_held_out(data_dir: Path, splits: list[str] | None) -> HeldOut:
+    """The sequences of `splits` (every split when None) of a prepared dataset."""
     import grain
 
     from bmx.data.manifest import read_manifest, record_layout, shard_paths
@@ -102,12 +117,8 @@ def read_held_out(data_dir: Path, splits: list[str] | None, max_tokens: int | No
     for split in splits:
         source = grain.sources.ArrayRecordDataSource(shard_paths(data_dir, split))
         records += [decode_record(source[index], len(fields), seq_len, dtype) for index in range(len(source))]
-    records = np.stack(records)
-    if max_tokens is not None and max_tokens < len(records) * (seq_len - 1):
-        keep = np.random.default_rng(seed).permutation(len(records))[:-(-max_tokens // (seq_len - 1))]
-        records = records[np.sort(keep)]
     which = "all splits" if len(splits) == len(manifest["splits"]) else " + ".join(splits)
-    return HeldOut(records, fields, f"{Path(data_dir).name} ({which})")
+    return HeldOut(np.stack(records), fields, f"{Path(data_dir).name} ({which})")
 
 
 def held_out_quality(model, reference, held_out: HeldOut, batch: int = 4) -> dict:
@@ -162,6 +173,24 @@ def best_temperature(tempered_losses: np.ndarray, count: float) -> dict:
             "sequence_losses_at_best_temperature": at_best}
 
 
+def temperature_calibrated(ckpt: Path, held_out: HeldOut, out: Path) -> tuple[Path, float]:
+    """A copy of the float checkpoint `ckpt` with its LM head divided by T, the softmax temperature at
+    which the bf16 model's perplexity on `held_out` is lowest (temperature scaling), and T.
+
+    Fitted on held-out sequences that are never scored, this makes the model every method quantizes
+    calibrated on unseen text, so that perplexity measures only the damage quantization does (see
+    the module docstring). The decoder linears, which the methods quantize, are untouched."""
+    model, _ = load(ckpt, dtype="bfloat16")
+    temperature = held_out_quality(model, None, held_out)["best_temperature"]
+    params = read_params(ckpt)
+    if "lm_head" not in params:
+        raise ValueError(f"{ckpt}: no separate LM head to fold a temperature into (tied embeddings)")
+    params["lm_head"]["kernel"] = (np.asarray(params["lm_head"]["kernel"], np.float32) / temperature).astype(
+        params["lm_head"]["kernel"].dtype)
+    write_checkpoint(out, read_config(ckpt), params)
+    return out, temperature
+
+
 def perplexity_change_error(row: dict, base: dict, at_best_temperature: bool = False) -> float:
     """Standard error of `row`'s perplexity minus `base`'s over the held-out sequences (paired: the
     same sequences), by the delta method on the mean loss per token; at each model's T* if asked."""
@@ -196,13 +225,13 @@ def tokens_per_second(models: dict, batch: int, seq: int, rounds: int = 7) -> di
     return {label: batch * seq / seconds for label, seconds in best.items()}
 
 
-def run_method(label: str, args, work: Path, tasks, tokenizer, held_out: HeldOut, reference):
+def run_method(label: str, float_ckpt: Path, args, work: Path, tasks, tokenizer, held_out: HeldOut, reference):
     """`label` is a method, optionally with its own group size: `awq@64`; `reference` is the bf16 model."""
     method, _, group_size = label.partition("@")
-    ckpt, seconds = args.ckpt, 0.0
+    ckpt, seconds = float_ckpt, 0.0
     if method != "bf16":
         start = time.perf_counter()
-        ckpt = quantize_checkpoint(args.ckpt, work / label, method, group_size=int(group_size or args.group_size),
+        ckpt = quantize_checkpoint(float_ckpt, work / label, method, group_size=int(group_size or args.group_size),
                                    double_quant=args.double_quant, calib=args.data if method == "awq" else None,
                                    calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, progress=False)
         seconds = time.perf_counter() - start
@@ -263,6 +292,9 @@ def main() -> None:
                                                      "perplexity (default: the validation split of --data)")
     parser.add_argument("--heldout-tokens", type=int, help="score a random subset of about this many held-out "
                                                            "tokens (whole sequences; default: all)")
+    parser.add_argument("--calibrate-temperature", action="store_true",
+                        help="first divide the LM head by the temperature that minimises the bf16 model's "
+                             "perplexity on the held-out sequences --heldout-tokens leaves unscored")
     parser.add_argument("--eval-data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"))
     parser.add_argument("--methods", default=",".join(METHODS), help="METHOD or METHOD@GROUP_SIZE, comma-separated")
     parser.add_argument("--questions", type=int, default=75, help="per task (4 tasks)")
@@ -279,11 +311,20 @@ def main() -> None:
 
     tasks = load_tasks(resolve_tasks(TASKS), args.eval_data)
     tokenizer = load_tokenizer()
-    held_out = read_held_out(args.heldout or args.data, None if args.heldout else ["validation"], args.heldout_tokens)
-    reference, _ = load(args.ckpt, dtype="bfloat16")
+    held_out, unscored = read_held_out(args.heldout or args.data, None if args.heldout else ["validation"]).split(
+        args.heldout_tokens)
+    if args.calibrate_temperature and unscored is None:
+        parser.error("--calibrate-temperature fits T on the held-out sequences left unscored: pass a "
+                     "--heldout-tokens smaller than the held-out set")
     work = Path(tempfile.mkdtemp(prefix="bmx-bench-quant-"))
     try:
-        results = [run_method(method, args, work, tasks, tokenizer, held_out, reference)
+        float_ckpt, temperature = Path(args.ckpt), None
+        if args.calibrate_temperature:
+            float_ckpt, temperature = temperature_calibrated(float_ckpt, unscored, work / "calibrated")
+            print(f"temperature scaling: T = {temperature:.4f}, fitted on {len(unscored.records)} unscored "
+                  f"held-out sequences", flush=True)
+        reference, _ = load(float_ckpt, dtype="bfloat16")
+        results = [run_method(method, float_ckpt, args, work, tasks, tokenizer, held_out, reference)
                    for method in args.methods.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -291,9 +332,10 @@ def main() -> None:
     rows = [{**row, "tokens_per_second": speeds[row["method"]]} for row, _ in results]
     if args.json:
         args.json.write_text(json.dumps([printable(row) for row in rows], indent=2) + "\n")
-    print(f"\n{jax.devices()[0].device_kind}, group size {args.group_size}, calibration "
+    scaling = f", LM head ÷ {temperature:.4f} (temperature scaling)" if temperature else ""
+    print(f"\n{jax.devices()[0].device_kind}, group size {args.group_size} (or METHOD@N's), calibration "
           f"{args.calib_samples}×{args.calib_seq_len} tokens, perplexity on {rows[0]['perplexity_tokens']:,} tokens "
-          f"of {held_out.description}, {args.protocol} protocol\n")
+          f"of {held_out.description}{scaling}, {args.protocol} protocol\n")
     print(table(rows, held_out.description))
     print("\n" + awq_against_round_to_nearest(rows, args.group_size))
 
