@@ -10,11 +10,12 @@ loaded back through `bmx.model.load` (what `bmx.eval` does) with bfloat16 float 
   next-token distribution to the method's on the same tokens: `--heldout DIR`, every split of a
   `python -m bmx.data prepare` dataset the model was not trained on (by default the validation
   split of `--data`, which with few documents is a small and narrow sample); Δ ppl comes with the
-  standard error of its mean over the held-out sequences, paired with the bf16 model's; and the
-  softmax temperature at which each model's held-out perplexity would be lowest (T*, from a parabola
-  through T = 0.9 … 1.1). Perplexity is a fair measure of quantization loss only when the bf16 model
-  is calibrated on the held-out text (T* ≈ 1): at T* ≠ 1 the noise a method adds, which flattens the
-  distributions, moves perplexity towards its optimum, so the noisier method can "win". Δ ppl at T*
+  standard error of its mean over the held-out sequences (paired with the bf16 model's, clustered
+  by article); and the softmax temperature at which each model's held-out perplexity would be
+  lowest (T*, from a parabola through T = 0.9 … 1.1). Perplexity is a fair measure of quantization
+  loss only when the bf16 model is calibrated on the held-out text (T* ≈ 1): at T* ≠ 1 the noise a
+  method adds, which flattens the distributions, moves perplexity towards its optimum, so the
+  noisier method can "win". Δ ppl at T*
   compares each model at its own best temperature, which removes that effect.
   `--calibrate-temperature` removes it at the source instead: every method then quantizes a copy of
   the model whose LM head is divided by the bf16 model's T* on the held-out sequences left unscored
@@ -84,6 +85,7 @@ class HeldOut:
     records: np.ndarray  # [sequences, fields, seq_len], as stored by `bmx.data prepare`
     fields: list[str]
     description: str  # e.g. "pubmed512 (all splits)", for the table
+    documents: np.ndarray  # [sequences]: the document each sequence starts in (errors cluster by it)
 
     def batches(self, batch: int):
         from bmx.data.loader import batch_features
@@ -99,8 +101,9 @@ class HeldOut:
             return self, None
         order = np.random.default_rng(seed).permutation(len(self.records))
         chosen = -(-max_tokens // (seq_len - 1))
-        return (HeldOut(self.records[np.sort(order[:chosen])], self.fields, self.description),
-                HeldOut(self.records[np.sort(order[chosen:])], self.fields, f"{self.description}, the rest"))
+        scored, rest = np.sort(order[:chosen]), np.sort(order[chosen:])
+        return (HeldOut(self.records[scored], self.fields, self.description, self.documents[scored]),
+                HeldOut(self.records[rest], self.fields, f"{self.description}, the rest", self.documents[rest]))
 
 
 def read_held_out(data_dir: Path, splits: list[str] | None) -> HeldOut:
@@ -118,7 +121,17 @@ def read_held_out(data_dir: Path, splits: list[str] | None) -> HeldOut:
         source = grain.sources.ArrayRecordDataSource(shard_paths(data_dir, split))
         records += [decode_record(source[index], len(fields), seq_len, dtype) for index in range(len(source))]
     which = "all splits" if len(splits) == len(manifest["splits"]) else " + ".join(splits)
-    return HeldOut(np.stack(records), fields, f"{Path(data_dir).name} ({which})")
+    records = np.stack(records)
+    return HeldOut(records, fields, f"{Path(data_dir).name} ({which})",
+                   starting_documents(records[:, fields.index("tokens")], manifest["tokenizer"]["bos_id"]))
+
+
+def starting_documents(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """For packed sequences `[sequences, seq_len]` in stored order, where every document begins with
+    BOS: the index of the document each sequence's first token belongs to."""
+    documents_begun = np.cumsum((tokens == bos_id).sum(axis=1))  # up to the end of each sequence
+    before = np.concatenate([[0], documents_begun[:-1]])
+    return np.maximum(before + (tokens[:, 0] == bos_id) - 1, 0)
 
 
 def held_out_quality(model, reference, held_out: HeldOut, batch: int = 4) -> dict:
@@ -191,13 +204,20 @@ def temperature_calibrated(ckpt: Path, held_out: HeldOut, out: Path) -> tuple[Pa
     return out, temperature
 
 
-def perplexity_change_error(row: dict, base: dict, at_best_temperature: bool = False) -> float:
-    """Standard error of `row`'s perplexity minus `base`'s over the held-out sequences (paired: the
-    same sequences), by the delta method on the mean loss per token; at each model's T* if asked."""
+def perplexity_change_error(row: dict, base: dict, documents: np.ndarray, at_best_temperature: bool = False) -> float:
+    """Standard error of `row`'s perplexity minus `base`'s on the held-out sequences (paired: the same
+    sequences), by the delta method on the mean loss per token; at each model's T* if asked.
+
+    Clustered by document (`documents`: each sequence's): the sequences of one article share its
+    vocabulary and style, so they do not err independently, and an error that treated them so
+    would be too small."""
     suffix = "_at_best_temperature" if at_best_temperature else ""
     differences = row["sequence_losses" + suffix] - base["sequence_losses" + suffix]
-    mean_loss_error = np.std(differences, ddof=1) * np.sqrt(len(differences)) / row["perplexity_tokens"]
-    return row["perplexity" + suffix] * float(mean_loss_error)
+    _, cluster_of = np.unique(documents, return_inverse=True)
+    clusters = cluster_of.max() + 1
+    deviations = np.bincount(cluster_of, weights=differences - differences.mean(), minlength=clusters)
+    total_error = np.sqrt(clusters / (clusters - 1) * np.sum(deviations ** 2))
+    return row["perplexity" + suffix] * float(total_error / row["perplexity_tokens"])
 
 
 def accuracy(model, name: str, tokenizer, tasks, questions_per_task: int, protocol: str) -> tuple[float, int]:
@@ -249,17 +269,18 @@ def printable(row: dict) -> dict:
     return {key: value for key, value in row.items() if not key.startswith("sequence_losses")}
 
 
-def table(rows: list[dict], held_out: str) -> str:
+def table(rows: list[dict], held_out: HeldOut) -> str:
     base = next((row for row in rows if row["method"] == "bf16"), rows[0])
-    lines = [f"| method | bytes/param (model) | bytes/param (linears) | ppl, {held_out} | Δ ppl ± s.e. | KL to bf16 "
-             f"(nats/token) | T* | Δ ppl at T* | accuracy ({rows[0]['questions']} q) | forward tokens/s | quantize time |",
+    lines = [f"| method | bytes/param (model) | bytes/param (linears) | ppl, {held_out.description} | Δ ppl ± s.e. "
+             f"| KL to bf16 (nats/token) | T* | Δ ppl at T* | accuracy ({rows[0]['questions']} q) | forward tokens/s "
+             "| quantize time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         change = f"{row['perplexity'] - base['perplexity']:+.2f}"
         change_at_best = f"{row['perplexity_at_best_temperature'] - base['perplexity_at_best_temperature']:+.2f}"
         if row is not base:
-            change += f" ± {perplexity_change_error(row, base):.2f}"
-            change_at_best += f" ± {perplexity_change_error(row, base, at_best_temperature=True):.2f}"
+            change += f" ± {perplexity_change_error(row, base, held_out.documents):.2f}"
+            change_at_best += f" ± {perplexity_change_error(row, base, held_out.documents, True):.2f}"
         lines.append(f"| {row['method']} | {row['bytes_per_param']:.3f} | {row['linear_bytes_per_param']:.3f} | "
                      f"{row['perplexity']:.2f} | {change} | {row['kl_to_bf16']:.2e} | {row['best_temperature']:.3f} | "
                      f"{change_at_best} | {100 * row['accuracy']:.1f}% | {row['tokens_per_second']:,.0f} | "
@@ -267,7 +288,7 @@ def table(rows: list[dict], held_out: str) -> str:
     return "\n".join(lines)
 
 
-def awq_against_round_to_nearest(rows: list[dict], default_group_size: int) -> str:
+def awq_against_round_to_nearest(rows: list[dict], default_group_size: int, documents: np.ndarray) -> str:
     """AWQ's perplexity minus RTN's at each group size both ran at, with the paired standard error:
     the comparison the AWQ search has to win."""
     by_method = {row["method"]: row for row in rows}
@@ -278,9 +299,9 @@ def awq_against_round_to_nearest(rows: list[dict], default_group_size: int) -> s
             continue
         group = label.partition("@")[2] or default_group_size
         lines.append(f"awq − rtn, group {group}: {awq['perplexity'] - rtn['perplexity']:+.3f} "
-                     f"± {perplexity_change_error(awq, rtn):.3f} ppl, at each model's T*: "
+                     f"± {perplexity_change_error(awq, rtn, documents):.3f} ppl, at each model's T*: "
                      f"{awq['perplexity_at_best_temperature'] - rtn['perplexity_at_best_temperature']:+.3f} "
-                     f"± {perplexity_change_error(awq, rtn, at_best_temperature=True):.3f}")
+                     f"± {perplexity_change_error(awq, rtn, documents, True):.3f}")
     return "\n".join(lines)
 
 
@@ -331,13 +352,17 @@ def main() -> None:
     speeds = tokens_per_second({row["method"]: model for row, model in results}, args.batch, args.seq)
     rows = [{**row, "tokens_per_second": speeds[row["method"]]} for row, _ in results]
     if args.json:
-        args.json.write_text(json.dumps([printable(row) for row in rows], indent=2) + "\n")
+        # Per-sequence losses and their documents too, so that errors can be recomputed without a rerun.
+        stored = [{key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in row.items()}
+                  for row in rows]
+        args.json.write_text(json.dumps({"held_out": held_out.description, "documents": held_out.documents.tolist(),
+                                         "rows": stored}) + "\n")
     scaling = f", LM head ÷ {temperature:.4f} (temperature scaling)" if temperature else ""
     print(f"\n{jax.devices()[0].device_kind}, group size {args.group_size} (or METHOD@N's), calibration "
           f"{args.calib_samples}×{args.calib_seq_len} tokens, perplexity on {rows[0]['perplexity_tokens']:,} tokens "
           f"of {held_out.description}{scaling}, {args.protocol} protocol\n")
-    print(table(rows, held_out.description))
-    print("\n" + awq_against_round_to_nearest(rows, args.group_size))
+    print(table(rows, held_out))
+    print("\n" + awq_against_round_to_nearest(rows, args.group_size, held_out.documents))
 
 
 if __name__ == "__main__":
