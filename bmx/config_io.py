@@ -2,6 +2,7 @@
 
 Config dataclasses live next to the code they configure; this module only knows how to fill them:
 an unknown key or a value of the wrong type is an error naming the key and what was expected.
+A file may `include:` others (see `load_yaml`), so a config states only what differs from its base.
 """
 
 from __future__ import annotations
@@ -124,14 +125,65 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     return values
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+INCLUDE_KEY = "include"
+
+
+def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`: mappings merge key by key, anything else (lists too) is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:  # also the refusal of tags such as !!python/object
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    values = values or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return values
+
+
+def load_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving `include: FILE` (or a list of files) first.
+
+    Included files are read in order, each overriding the previous, and the including file's own keys
+    override them all; paths are relative to the including file. This lets a hardware config state
+    only what differs from the recipe it includes.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _including:
+        chain = " -> ".join(str(p) for p in (*_including, resolved))
+        raise ConfigError(f"{path}: include cycle: {chain}")
+    values = _read_mapping(path)
+    includes = values.pop(INCLUDE_KEY, None)
+    if includes is None:
+        return values
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not includes or not all(isinstance(item, str) for item in includes):
+        raise ConfigError(f"{path}: {INCLUDE_KEY}: expected a file name or a list of file names, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for item in includes:
+        included = path.parent / item
+        if not included.is_file():
+            raise ConfigError(f"{path}: {INCLUDE_KEY}: {item} not found (looked for {included})")
+        merged = merge_values(merged, load_yaml(included, (*_including, resolved)))
+    return merge_values(merged, values)
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
