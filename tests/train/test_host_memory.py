@@ -39,3 +39,13 @@ def test_a_users_own_tunables_are_kept_and_system_opts_out():
     assert lines[-1].split()[1].endswith(":glibc.malloc.arena_max=4:glibc.malloc.tcache_count=0")
     assert len(run_probe(BMX_HOST_MALLOC="system")) == 2  # no restart
     assert retained_memory_environment({"BMX_HOST_MALLOC": "system"}) == {"BMX_HOST_MALLOC": "system"}
+
+
+def test_accelerator_hosts_keep_glibcs_defaults(monkeypatch):
+    import bmx.train.host_memory as host_memory
+
+    monkeypatch.setattr(host_memory.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert host_memory.accelerator_host({})
+    assert "GLIBC_TUNABLES" not in retained_memory_environment({})
+    assert not host_memory.accelerator_host({"JAX_PLATFORMS": "cpu"})  # told to run on the CPU: it is a CPU run
+    assert "GLIBC_TUNABLES" in retained_memory_environment({"JAX_PLATFORMS": "cpu"})

@@ -1,0 +1,68 @@
+"""The `bmx` command: one entry point, the same exit codes and error line for every command."""
+
+import importlib
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from bmx import cli
+from conftest import REPO_ROOT
+
+
+def test_every_command_is_a_module_with_a_main():
+    for command, (module, summary) in cli.COMMANDS.items():
+        assert callable(importlib.import_module(module).main), command
+        assert summary
+
+
+def test_no_command_prints_the_usage_and_fails(capsys):
+    assert cli.main([]) == 2
+    usage = capsys.readouterr().err
+    assert all(f"  {command} " in usage for command in cli.COMMANDS)
+    assert cli.main(["--help"]) == 0
+    assert "bmx COMMAND" in capsys.readouterr().out
+
+
+def test_an_unknown_command_is_one_line_naming_the_choices(capsys):
+    assert cli.main(["trian"]) == 2
+    assert capsys.readouterr().err == ("bmx: error: unknown command 'trian'; choose one of "
+                                       + ", ".join(cli.COMMANDS) + "\n")
+
+
+def test_bad_input_is_exit_2_with_one_line_and_bugs_keep_their_traceback(capsys):
+    def bad_value(argv):
+        raise ValueError("config.json: hidden_size\nmust be positive")
+
+    def missing_file(argv):
+        raise FileNotFoundError(2, "No such file or directory", "ckpt/config.json")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def bug(argv):
+        raise KeyError("a bug")
+
+    assert cli.run("eval", bad_value) == 2
+    assert capsys.readouterr().err == "bmx eval: error: config.json: hidden_size must be positive\n"
+    assert cli.run("eval", missing_file) == 2
+    assert capsys.readouterr().err == "bmx eval: error: [Errno 2] No such file or directory: 'ckpt/config.json'\n"
+    assert cli.run("merge", interrupted) == 130
+    with pytest.raises(KeyError):
+        cli.run("merge", bug)
+
+
+def test_prog_follows_how_the_command_was_invoked():
+    assert cli.prog("eval") == "python -m bmx.eval"
+    assert cli.prog("aot") == "python -m bmx.train.aot"
+
+
+def test_the_console_script_is_declared_and_installed():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["bmx"] == "bmx.cli:console_script"
+    executable = shutil.which("bmx", path=str(__import__("pathlib").Path(sys.executable).parent)) or shutil.which("bmx")
+    assert executable, "pip install -e . installs the bmx command"
+    result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "generate" in result.stdout
