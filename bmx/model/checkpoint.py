@@ -41,11 +41,16 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LazyArray:
-    """An array of `shape`/`dtype` produced as `(index, block)` pieces by `blocks()` when written."""
+    """An array of `shape`/`dtype` produced as `(index, block)` pieces by `blocks()` when written.
+
+    `per_layer`: the blocks are the slices `[layer]` of a stacked parameter, stored one per chunk so
+    that a layer is written and read on its own. Otherwise the array is stored as one chunk.
+    """
 
     shape: tuple[int, ...]
     dtype: np.dtype
     blocks: Callable[[], Iterator[tuple[tuple, np.ndarray]]]
+    per_layer: bool = False
 
     @property
     def size(self) -> int:
@@ -85,8 +90,12 @@ _register_lazy_array_handler()
 
 
 def _save_args(leaf) -> ocp.SaveArgs:
-    """Per-layer storage chunks for stacked leaves, so each layer is written (and read) on its own."""
-    if isinstance(leaf, LazyArray) and leaf.ndim > 1:
+    """Per-layer storage chunks for stacked leaves, so each layer is written (and read) on its own.
+
+    Only for stacked leaves: chunking the embedding by its leading axis gave 32,000 chunks of one
+    row each, and writing those dominated a whole conversion.
+    """
+    if isinstance(leaf, LazyArray) and leaf.per_layer and leaf.ndim > 1:
         layer_bytes = int(np.prod(leaf.shape[1:], dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
         return ocp.SaveArgs(chunk_byte_size=max(layer_bytes, 1), shard_axes=(0,))
     return ocp.SaveArgs()
@@ -209,3 +218,24 @@ def _check_same_structure(ckpt_dir, expected: dict, stored: dict) -> None:
         if expected_shapes[name] != stored_shapes[name]:
             raise ValueError(f"{ckpt_dir}: parameter {name} has shape {stored_shapes[name]}, "
                              f"the config implies {expected_shapes[name]}")
+
+
+def model_from_params(config: MistralConfig, params: dict[str, Any], *, compute_dtype=None, remat: str = "none",
+                      shardings: dict[str, Any] | None = None, source: str = "params") -> Mistral:
+    """A float model from a nested dict of host arrays laid out as `nnx.state(model, nnx.Param)`.
+
+    The parameter dtype is the arrays'; each array goes to its sharding (if given) as it is placed,
+    so a sharded model never exists whole on one device. `source` names the arrays in errors.
+    """
+    param_dtype = jnp.dtype(params["model"]["embed_tokens"]["weight"].dtype)
+    compute_dtype = compute_dtype or _default_compute_dtype()
+    graph, abstract_state = nnx.split(nnx.eval_shape(
+        lambda: Mistral(config, dtype=compute_dtype, param_dtype=param_dtype, remat=remat)))
+    expected = abstract_state.to_pure_dict()
+    _check_same_structure(source, expected, params)
+    if shardings is None:
+        placed = jax.tree.map(jnp.asarray, params)
+    else:
+        placed = jax.tree.map(lambda array, sharding: jax.device_put(array, sharding), params, shardings)
+    abstract_state.replace_by_pure_dict(placed)
+    return nnx.merge(graph, abstract_state)
