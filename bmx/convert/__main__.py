@@ -40,9 +40,12 @@ def main(argv=None) -> int:
             out = hf_to_bmx(args.src, args.dst, dtype=args.dtype)
         else:
             out = bmx_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except (CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (CheckpointFormatError, OSError, ValueError) as error:  # bad input, a full disk: one line, no output
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt as interrupt:  # SIGINT, or SIGTERM (see atomic_output_dir)
+        print(f"interrupted ({interrupt or 'SIGINT'}): no output written", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
     return 0
 

@@ -26,6 +26,7 @@ from bmx.convert.safetensors_io import (
     ShardedSafetensorsWriter,
     TensorSpec,
     atomic_output_dir,
+    dtype_name,
     parse_size,
 )
 from bmx.model.checkpoint import (
@@ -44,6 +45,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json", "chat_template.jinja")
 HF_SIDECAR_DIR = "hf"  # the source's config.json and generation_config.json, kept for the way back
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers versions saved; recomputed
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # what a weight may be stored as
 
 
 def bmx_param_shapes(config: MistralConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -89,10 +91,28 @@ def _validate_hf(reader: SafetensorsReader, config: MistralConfig, table: list[T
             continue
         raise CheckpointFormatError(f"{reader.directory}: unexpected tensor {name!r} (shape {reader.spec(name).shape}) "
                                     "is not part of a Mistral model")
+    for name in sorted(expected):
+        dtype = reader.spec(name).dtype
+        if dtype_name(dtype) not in FLOAT_DTYPES:  # an int32 norm weight would convert to nonsense, silently
+            raise CheckpointFormatError(f"{reader.file_of(name)}: tensor {name!r} is stored as {dtype_name(dtype)}; "
+                                        f"Mistral weights must be floating point ({', '.join(FLOAT_DTYPES)})")
     for row in table:
         dtypes = {reader.spec(name).dtype for name in row.hf_names(config.num_hidden_layers)}
         if len(dtypes) > 1:
             raise CheckpointFormatError(f"{reader.directory}: tensors {row.hf_name!r} mix dtypes {sorted(map(str, dtypes))}")
+
+
+def _read_hf_config(config_file: Path) -> MistralConfig:
+    try:
+        values = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointFormatError(f"{config_file}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise CheckpointFormatError(f"{config_file}: expected a JSON object of model settings")
+    try:
+        return MistralConfig.from_hf(values)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointFormatError(f"{config_file}: {error}") from None
 
 
 def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, progress: bool = True) -> Path:
@@ -101,7 +121,7 @@ def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, pro
     config_file = src / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {src} is not a Hugging Face model directory")
-    config = MistralConfig.from_hf(json.loads(config_file.read_text()))
+    config = _read_hf_config(config_file)
     reader = SafetensorsReader(src)
     table = mistral_table(config)
     _validate_hf(reader, config, table)
@@ -137,7 +157,8 @@ def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, pro
             node = node.setdefault(key, {})
         node[row.bmx_path[-1]] = leaf(row)
 
-    with atomic_output_dir(dst) as staging:
+    # On an interrupt, the blocks still being written stop at their next layer (see `leaf`).
+    with atomic_output_dir(dst, stop=lambda: failed.append("interrupted")) as staging:
         _copy_sidecar_files(src, staging)
         write_checkpoint(staging, config, params)
     bar.close()
