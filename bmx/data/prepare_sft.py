@@ -23,7 +23,7 @@ from bmx.data.manifest import FORMAT, MANIFEST, read_manifest, write_manifest
 from bmx.data.packing import SPLITS, split_of
 from bmx.eval.questions import Question
 from bmx.eval.tasks import load_task
-from bmx.lora.sft_data import pack_rows, render_qa_example, tokenize_example
+from bmx.data.sft_examples import pack_rows, render_qa_example, tokenize_example
 from bmx.tokenizer import MISTRAL_V01, load_tokenizer
 
 QUESTION_SPLITS = ("train", "test")

@@ -13,12 +13,21 @@ from generate.generation_testing import hf_and_bmx
 from bmx.eval.letter_protocol import letter_token_ids
 from bmx.eval.prompts import biomistral_prompt
 from bmx.eval.raw_formats import read_medqa_jsonl
-from bmx.lora.sft_data import TokenizedExample, pack_examples, render_qa_example, tokenize_example
+from bmx.data.loader import batch_features
+from bmx.data.sft_examples import TokenizedExample, pack_rows, render_qa_example, tokenize_example
+from bmx.data.shards import SEGMENT_IDS, TOKENS, TRAINABLE
 from bmx.tokenizer import load_tokenizer
 from bmx.train.loss import chunked_cross_entropy
 from bmx.train.step import _head_kernel
 
 MEDQA_TEST = "eval/medqa/US_4_options_phrases_no_exclude_test.jsonl"
+
+
+def pack_examples(examples, seq_len: int, *, answer_only: bool = True) -> dict[str, np.ndarray]:
+    """Packed rows as the trainer receives them: what prepare-sft stores, through the loader's batch layout."""
+    fields = [TOKENS, TRAINABLE, SEGMENT_IDS]
+    tokens, trainable, segment_ids = pack_rows(examples, seq_len, answer_only=answer_only)
+    return batch_features(np.stack([tokens, trainable, segment_ids], axis=1), fields)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ BioMistral fine-tunes on the QA training sets rendered exactly as they are evalu
 prompt, ending in `**Answer:**(`, followed by the gold letter, the way a few-shot example shows it.
 A sequence is `<s> prompt answer </s>`; with `answer_only` the loss counts only the tokens that
 predict the answer and the EOS. Sequences are packed into fixed-length rows with segment ids, and
-rows come out in the trainer's batch layout (`inputs`, `targets`, `loss_mask`, `segment_ids`,
-`positions`; see `bmx.data.loader`), so the model's document masking keeps packed examples apart.
+`bmx.data prepare-sft` stores each row's tokens, trainable marks and segment ids; the loader
+(`bmx.data.loader.batch_features`) turns them into the trainer's batch, whose document masking keeps
+packed examples apart.
 """
 
 from __future__ import annotations
@@ -53,18 +54,6 @@ def tokenize_example(tokenizer: Tokenizer, example: SFTExample, *, add_eos: bool
     return TokenizedExample(token_ids, [0] * len(prompt_ids) + [1] * answer_length)
 
 
-def next_token_loss_mask(trainable: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
-    """loss_mask `[rows, seq]` float32: position i counts iff token i + 1 is `trainable` and in i's segment.
-
-    `trainable [rows, seq]` marks tokens worth predicting (the answers, or every real token);
-    `segment_ids` is 0 on padding. The last position has no next token and never counts.
-    """
-    loss_mask = np.zeros(segment_ids.shape, np.float32)
-    same_segment = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
-    loss_mask[:, :-1] = same_segment & (np.asarray(trainable)[:, 1:] != 0)
-    return loss_mask
-
-
 def pack_rows(examples: Iterable[TokenizedExample], seq_len: int, *, answer_only: bool = True,
               pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pack examples in order into rows of `seq_len` (an example never straddles two rows).
@@ -97,23 +86,3 @@ def pack_rows(examples: Iterable[TokenizedExample], seq_len: int, *, answer_only
             segment_ids[row, start:end] = segment
             start = end
     return tokens, trainable, segment_ids
-
-
-def pack_examples(examples: Iterable[TokenizedExample], seq_len: int, *, answer_only: bool = True,
-                  pad_id: int = 0) -> dict[str, np.ndarray]:
-    """`pack_rows` in the trainer's batch layout: `inputs`, `targets` (inputs shifted left), `loss_mask`,
-    `segment_ids` and `positions` (restarting at 0 per example), each `[rows, seq_len]`."""
-    from bmx.data.loader import positions_in_segment
-
-    inputs, trainable, segment_ids = pack_rows(examples, seq_len, answer_only=answer_only, pad_id=pad_id)
-    targets = np.zeros_like(inputs)
-    targets[:, :-1] = inputs[:, 1:]
-    return {"inputs": inputs, "targets": targets, "loss_mask": next_token_loss_mask(trainable, segment_ids),
-            "segment_ids": segment_ids, "positions": positions_in_segment(segment_ids)}
-
-
-def qa_sft_rows(tokenizer: Tokenizer, questions: Iterable[Question], seq_len: int, *,
-                answer_only: bool = True) -> dict[str, np.ndarray]:
-    """Questions → rendered → tokenized → packed rows, the whole SFT data path in one call."""
-    tokenized = (tokenize_example(tokenizer, render_qa_example(question)) for question in questions)
-    return pack_examples(tokenized, seq_len, answer_only=answer_only)
