@@ -43,10 +43,6 @@ def kernel_to_hf(kernel: np.ndarray, num_contracted: int) -> np.ndarray:
     return np.asarray(kernel).reshape(in_features, -1).T
 
 
-def hf_to_kernel(weight: np.ndarray, in_shape, out_shape) -> np.ndarray:
-    return np.asarray(weight).T.reshape(*in_shape, *out_shape)
-
-
 def is_quantized(model: Mistral) -> bool:
     return any(isinstance(linear_at(model.model.layers, path), QuantizedLinear) for path in LINEAR_PATHS)
 
