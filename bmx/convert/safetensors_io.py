@@ -421,7 +421,10 @@ class atomic_output_dir:
             self.stop()
         deadline = time.monotonic() + self.THREAD_JOIN_SECONDS
         for thread in set(threading.enumerate()) - self._threads_before:
-            if not thread.daemon and thread is not threading.current_thread():
+            # A thread-pool worker idles until its pool shuts down (its owner's `stop` cancels its task):
+            # joining it would only wait out the deadline.
+            pool_worker = getattr(getattr(thread, "_target", None), "__module__", "") == "concurrent.futures.thread"
+            if not thread.daemon and not pool_worker and thread is not threading.current_thread():
                 try:
                     thread.join(max(0.0, deadline - time.monotonic()))
                 except Exception:  # noqa: BLE001 - orbax's threads re-raise their (expected) failure on join
