@@ -10,6 +10,7 @@ from bmx.lora.config import LoRAConfig
 from bmx.train.checkpointing import CheckpointConfig
 from bmx.train.mesh import MeshConfig
 from bmx.train.optimizer import OptimizerConfig, ScheduleConfig
+from bmx.train.wandb_logging import WandbConfig
 
 DType = Literal["float32", "bfloat16"]
 
@@ -57,6 +58,7 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True  # console progress bar
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; default from the device table
+    wandb: WandbConfig | None = None  # also log to Weights & Biases (`pip install 'bmx[wandb]'`)
 
 
 @dataclass

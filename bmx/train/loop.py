@@ -156,7 +156,7 @@ def _starting_state(config: RunConfig, setup, manager, loader) -> tuple[int, Any
 
 class _Reporter:
     """Progress bar, and every `logging.every` steps: loss, throughput, MFU (and held-out loss when due)
-    to metrics.jsonl, TensorBoard and the bar. Reading the metrics is the loop's only host sync."""
+    to metrics.jsonl, TensorBoard, W&B and the bar. Reading the metrics is the loop's only host sync."""
 
     def __init__(self, config: RunConfig, setup, run_dir: epath.Path, step: int):
         self.config, self.setup = config, setup
@@ -167,7 +167,8 @@ class _Reporter:
             print(f"model: {setup.model_config.num_parameters() / 1e6:.1f}M parameters, mesh {dict(setup.mesh.shape)}"
                   f", compute {compute_dtype(config).name}, peak {self.peak_flops / 1e12:.2f} TFLOP/s per device "
                   f"({peak_source})", flush=True)
-        self.writer = MetricsWriter(run_dir, step, config.logging.tensorboard, enabled=is_main)
+        self.writer = MetricsWriter(run_dir, step, config.logging.tensorboard, enabled=is_main,
+                                    wandb=config.logging.wandb, run_config=to_dict(config))
         self.progress = tqdm(total=config.train.steps, initial=step, desc="train", unit="step",
                              disable=not (is_main and config.logging.progress))
         self.last: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""Where training metrics go: `RUN_DIR/metrics.jsonl`, TensorBoard event files, and the console.
+"""Where training metrics go: `RUN_DIR/metrics.jsonl`, TensorBoard event files, Weights & Biases (when
+`logging.wandb` is set) and the console.
 
 `RUN_DIR` may be local or an object store (`gs://…`); object stores cannot append, so there the
 whole file is rewritten at each logged step (small: one line per logged step).
@@ -12,6 +13,7 @@ import logging
 from etils import epath
 
 from bmx.paths import is_local
+from bmx.train.wandb_logging import WandbConfig, start_run
 
 log = logging.getLogger("bmx.train")
 
@@ -19,10 +21,12 @@ log = logging.getLogger("bmx.train")
 class MetricsWriter:
     """Writes one JSON object per logged step; on resume, drops lines past the restored step."""
 
-    def __init__(self, run_dir: epath.PathLike, resume_step: int, tensorboard: bool, enabled: bool = True):
+    def __init__(self, run_dir: epath.PathLike, resume_step: int, tensorboard: bool, enabled: bool = True,
+                 wandb: WandbConfig | None = None, run_config: dict | None = None):
+        """`run_config`: the resolved config, recorded in the W&B run."""
         self.enabled = enabled
         self.path = epath.Path(run_dir) / "metrics.jsonl"
-        self.tensorboard = None
+        self.tensorboard = self.wandb_run = None
         if not enabled:
             return
         self.lines: list[str] = []
@@ -38,6 +42,8 @@ class MetricsWriter:
                 self.tensorboard = SummaryWriter(str(epath.Path(run_dir) / "tensorboard"))
             except ImportError:
                 log.warning("tensorboardX is not installed; TensorBoard event files are not written")
+        if wandb is not None:
+            self.wandb_run = start_run(wandb, run_dir, run_config or {})
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -52,6 +58,8 @@ class MetricsWriter:
         if self.tensorboard is not None:
             for name, value in metrics.items():
                 self.tensorboard.add_scalar(name, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
 
     def close(self) -> None:
         if not self.enabled:
@@ -60,3 +68,5 @@ class MetricsWriter:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
