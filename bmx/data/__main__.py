@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sequences-per-shard", type=int, default=None,
                      help="records per ArrayRecord shard (default: about 32M tokens per shard)")
     run.add_argument("--text-field", default="text", help="field holding the text in .jsonl and HF datasets")
+    run.add_argument("--max-document-bytes", type=int, default=PrepareSettings.max_document_bytes,
+                     help="skip (and list) documents larger than this once decompressed "
+                          f"(default {PrepareSettings.max_document_bytes >> 20} MiB): bounds memory against bombs")
+    run.add_argument("--allow-empty", action="store_true",
+                     help="exit 0 even when every input was rejected (default: an empty dataset is an error)")
     sft = commands.add_parser("prepare-sft", help="medical QA questions -> packed prompt+answer shards for SFT")
     sft.add_argument("--tasks", default="medqa", help="comma-separated bmx.eval task names (default medqa)")
     sft.add_argument("--data-dir", default=None, help="evaluation data folder (default $BMX_EVAL_DATA)")
@@ -69,16 +74,35 @@ def main(argv: list[str] | None = None) -> int:
     settings = PrepareSettings(
         seq_len=args.seq_len, tokenizer=args.tokenizer, licenses=args.licenses, val_fraction=args.val_fraction,
         segment_ids=args.segment_ids, sequences_per_shard=args.sequences_per_shard, text_field=args.text_field,
+        max_document_bytes=args.max_document_bytes,
     )
     try:
         manifest = prepare(args.inputs, args.out, settings, workers=args.workers)
-    except (InputError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (InputError, OSError, ValueError, WorkerDied) as error:
+        print(f"error: {_one_line(error, args.out)}", file=sys.stderr)
         return 2
     summary = {key: manifest[key] for key in ("documents", "tokens", "sequences", "excluded_by_license")}
     summary["skipped"] = len(manifest["skipped"])
     print(json.dumps(summary))
+    if manifest["documents"] == 0 and not args.allow_empty:
+        print(f"error: {_nothing_kept(manifest, args.out)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(error: Exception, out: str) -> str:
+    """The message, with the context a bare OSError lacks (Python's ENOSPC names no file)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return (f"no space left on device while writing {out}; free some and re-run the same command "
+                "(finished work is kept and resumed)")
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _nothing_kept(manifest: dict, out: str) -> str:
+    skipped, excluded = manifest["skipped"], manifest["excluded_by_license"]
+    example = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+    return (f"every input was rejected: {len(skipped)} skipped{example}, {excluded} excluded by --licenses "
+            f"{manifest['licenses']}; {out}/manifest.json lists them all; --allow-empty accepts an empty dataset")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import json
 import multiprocessing
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from bmx.data import packing, parts, shards
 from bmx.data.licenses import LICENSE_FILTERS, is_allowed
 from bmx.data.manifest import FORMAT, MANIFEST, read_manifest, write_manifest
-from bmx.data.sources import HF, TAR, Skipped, Source, discover_sources, read_source
+from bmx.data.sources import DEFAULT_MAX_DOCUMENT_BYTES, HF, TAR, Skipped, Source, discover_sources, read_source
 from bmx.tokenizer import MISTRAL_V01, Tokenizer, load_tokenizer
 
 UNIT_BYTES = 1 << 20
@@ -54,6 +55,7 @@ class PrepareSettings:
     segment_ids: bool = False
     sequences_per_shard: int | None = None  # None: about SHARD_TOKENS tokens per shard
     text_field: str = "text"
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # larger documents (decompressed) are skipped
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -62,6 +64,8 @@ class PrepareSettings:
             raise ValueError(f"licenses must be one of {LICENSE_FILTERS}, got {self.licenses!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_document_bytes < 1:
+            raise ValueError(f"max_document_bytes must be positive, got {self.max_document_bytes}")
         if self.sequences_per_shard is not None and self.sequences_per_shard < 1:
             raise ValueError(f"sequences_per_shard must be positive, got {self.sequences_per_shard}")
 
@@ -101,7 +105,8 @@ def tokenize_unit(unit_index: int, sources: Sequence[Source], settings: PrepareS
     try:
         for source in sources:
             hasher = hashlib.sha256()
-            for item in read_source(source, hasher, text_field=settings.text_field):
+            for item in read_source(source, hasher, text_field=settings.text_field,
+                                    max_document_bytes=settings.max_document_bytes):
                 if isinstance(item, Skipped):
                     skipped.append(asdict(item))
                     continue
@@ -228,11 +233,16 @@ def _shard_tasks(out_dir: Path, split: str, summaries: list[tuple[Path, dict]], 
         "sequences": total_sequences,
         "dropped_tokens": position - total_sequences * settings.seq_len,
         "shards": [task.path.name for task in tasks],
+        "shard_sequences": [task.num_sequences for task in tasks],  # checked by the loader before reading
     }
     return tasks, split_summary
 
 
 # ---------------------------------------------------------------- orchestration
+
+
+class WorkerDied(RuntimeError):
+    """A worker process was killed (SIGKILL, the out-of-memory killer) mid-unit; a re-run resumes."""
 
 
 def _run(function: Callable, jobs: list[tuple], pool: concurrent.futures.Executor | None, progress: tqdm,
@@ -246,7 +256,11 @@ def _run(function: Callable, jobs: list[tuple], pool: concurrent.futures.Executo
     futures = {pool.submit(function, *job): weight for job, weight in zip(jobs, weights)}
     try:
         for future in concurrent.futures.as_completed(futures):
-            future.result()
+            try:
+                future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                raise WorkerDied(f"a worker process died (killed, or out of memory?) during {function.__name__}; "
+                                 "finished units are kept: re-run the same command to resume") from None
             progress.update(futures[future])
     except BaseException:
         for future in futures:
@@ -286,6 +300,10 @@ def _claim_directory(out_dir: Path, fingerprint: dict) -> bool:
         return (out_dir / MANIFEST).is_file()
     if (out_dir / MANIFEST).is_file():
         raise ValueError(f"{out_dir} already holds a preparation that was not made by this bmx version")
+    others = sorted(entry.name for entry in out_dir.iterdir() if entry.name != _STATE_DIR)
+    if others:  # stale shards would otherwise be taken for this run's (they are skipped as "already written")
+        raise ValueError(f"{out_dir} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and "
+                         "was not made by prepare; use an empty or new --out")
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps(fingerprint, sort_keys=True))
     return False

@@ -10,6 +10,7 @@ shard with its final name is always whole.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterable
@@ -51,14 +52,22 @@ def write_shard(path: Path, records: Iterable[bytes]) -> int:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     temp_path = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(temp_path), ARRAY_RECORD_OPTIONS)
     count = 0
     try:
-        for record in records:
-            writer.write(record)
-            count += 1
-    finally:
-        writer.close()
+        writer = ArrayRecordWriter(str(temp_path), ARRAY_RECORD_OPTIONS)
+        try:
+            for record in records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
+    except RuntimeError as error:  # the C++ writer reports I/O failures (a full disk) as RuntimeError
+        temp_path.unlink(missing_ok=True)
+        full = "No space left" in str(error)
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"writing shard {path} failed: {error}") from None
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
     os.replace(temp_path, path)
     return count
 

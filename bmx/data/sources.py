@@ -165,6 +165,27 @@ def _license_label(value) -> str:
     return license_from_url(value) or license_from_type(value) or license_from_text(value) or UNKNOWN
 
 
+DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20  # a PMC article is well under 10 MB; a decompression bomb is not
+
+
+def _too_large(cap: int, size: int | None = None) -> str:
+    """The skip reason of a document over the cap (`size` None: found while decompressing)."""
+    found = f"{size} bytes" if size is not None else "once decompressed"
+    return f"document larger than the {cap}-byte cap ({found}; --max-document-bytes raises it)"
+
+
+def _read_capped(stream: BinaryIO, cap: int) -> bytes | None:
+    """All of `stream` (e.g. a decompressor) read in chunks, or None as soon as it passes `cap` bytes:
+    memory stays bounded by the cap however much the input inflates."""
+    chunks, total = [], 0
+    while chunk := stream.read(min(1 << 20, cap + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            return None
+    return b"".join(chunks)
+
+
 class _HashingReader:
     """A read-only file wrapper that feeds everything read through `hasher` (one pass, no extra read)."""
 
@@ -200,7 +221,7 @@ def _xml_documents(data: bytes, origin: str) -> Iterator[Document | Skipped]:
         yield Skipped(origin, str(error))
 
 
-def _tar_documents(source: Source, hasher) -> Iterator[Document | Skipped]:
+def _tar_documents(source: Source, hasher, max_document_bytes: int) -> Iterator[Document | Skipped]:
     with open(source.path, "rb") as handle:
         reader = _HashingReader(handle, hasher)
         members_read = 0
@@ -208,9 +229,19 @@ def _tar_documents(source: Source, hasher) -> Iterator[Document | Skipped]:
             # "r|*": a forward-only stream, so a multi-GB PMC package is never extracted or seeked.
             with tarfile.open(fileobj=reader, mode="r|*") as archive:
                 for member in archive:
+                    origin = f"{source.path}::{member.name}"
                     if member.isfile() and _suffix_format(member.name) == XML:
-                        data = archive.extractfile(member).read()
-                        yield from _xml_documents(data, f"{source.path}::{member.name}")
+                        if member.size > max_document_bytes:  # skipped unread: the stream moves past it
+                            yield Skipped(origin, _too_large(max_document_bytes, member.size))
+                        else:
+                            stream = archive.extractfile(member)
+                            if member.name.lower().endswith(".gz"):
+                                stream = gzip.GzipFile(fileobj=stream)
+                            data = _read_capped(stream, max_document_bytes)
+                            if data is None:
+                                yield Skipped(origin, _too_large(max_document_bytes))
+                            else:
+                                yield from _xml_documents(data, origin)
                     members_read += 1
         except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
             yield Skipped(source.path, f"truncated or corrupt archive after {members_read} members: {error}")
@@ -265,13 +296,37 @@ def _decode_whole_file(data: bytes, path: str) -> str | Skipped:
         return Skipped(path, f"invalid UTF-8 at byte {error.start}")
 
 
-def read_source(source: Source, hasher, *, text_field: str = "text") -> Iterator[Document | Skipped]:
-    """Documents of `source` in file order, and what had to be skipped; `hasher` sees every byte read."""
+def _gzip_document(source: Source, hasher, max_document_bytes: int) -> bytes | Skipped:
+    """The decompressed bytes of a `.xml.gz`, streamed and capped; the hasher sees the compressed file."""
+    with open(source.path, "rb") as handle:
+        reader = _HashingReader(handle, hasher)
+        try:
+            data = _read_capped(gzip.GzipFile(fileobj=reader), max_document_bytes)
+        except (OSError, EOFError, zlib.error) as error:
+            data = Skipped(source.path, f"truncated or corrupt gzip file: {error}")
+        reader.drain()
+    if data is None:
+        return Skipped(source.path, _too_large(max_document_bytes))
+    return data
+
+
+def _hash_file(path: str, hasher) -> None:
+    with open(path, "rb") as handle:
+        _HashingReader(handle, hasher).drain()
+
+
+def read_source(source: Source, hasher, *, text_field: str = "text",
+                max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[Document | Skipped]:
+    """Documents of `source` in file order, and what had to be skipped; `hasher` sees every byte read.
+
+    A document over `max_document_bytes` (decompressed) is skipped with that reason, having been
+    held in memory at most up to the cap.
+    """
     if source.format == TAR:
         if source.size == 0:
             yield Skipped(source.path, "empty file (0 bytes)")
         else:
-            yield from _tar_documents(source, hasher)
+            yield from _tar_documents(source, hasher, max_document_bytes)
         return
     if source.format == JSONL:
         yield from _jsonl_documents(source, hasher, text_field)
@@ -279,15 +334,17 @@ def read_source(source: Source, hasher, *, text_field: str = "text") -> Iterator
     if source.format == HF:
         yield from _hf_documents(source, hasher, text_field)
         return
+    if source.format == XML and source.path.lower().endswith(".gz"):
+        data = _gzip_document(source, hasher, max_document_bytes)
+        yield from [data] if isinstance(data, Skipped) else _xml_documents(data, source.path)
+        return
+    if source.size > max_document_bytes and source.format in (XML, TEXT):
+        _hash_file(source.path, hasher)
+        yield Skipped(source.path, _too_large(max_document_bytes, source.size))
+        return
     data = Path(source.path).read_bytes()
     hasher.update(data)
     if source.format == XML:
-        if source.path.lower().endswith(".gz"):
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError, zlib.error) as error:
-                yield Skipped(source.path, f"truncated or corrupt gzip file: {error}")
-                return
         yield from _xml_documents(data, source.path)
         return
     text = _decode_whole_file(data, source.path)
