@@ -9,6 +9,7 @@ import sys
 from bmx.merge.config import MergeConfigError
 from bmx.merge.models import IncompatibleModelsError
 from bmx.merge.run import run_merge, run_merge_to_bmx
+from bmx.compile_cache import enable_compile_cache
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     args = parse_args(argv)
     if argv is None:  # the command line; a caller passing argv (tests, notebooks) keeps its own logging setup
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,

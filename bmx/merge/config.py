@@ -1,8 +1,8 @@
 """A mergekit YAML merge configuration, read with `yaml.safe_load` into small dataclasses.
 
 The accepted keys are mergekit 0.1.5's (`models` or `slices`, `merge_method`, `base_model`,
-`parameters`, `dtype`, `out_dtype`, `tokenizer_source`), so configs written for mergekit run
-unchanged. Keys mergekit has but bmx does not implement (`modules`, `tokenizer`, `chat_template`,
+`parameters`, `dtype`, `out_dtype`, `tokenizer_source` or the `tokenizer:` block), so configs written
+for mergekit run unchanged. Keys mergekit has but bmx does not implement (`modules`, `chat_template`,
 `residual_weight`) are refused by name rather than ignored.
 
 A parameter setting is kept as written, with its `{filter, value}` entries turned into
@@ -52,6 +52,30 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where a token's embedding comes from (mergekit's `TokenEmbeddingConfig`).
+
+    kind: "model" (that model's row for the same token), "model_token" (a given token or id of a
+    model), "zero", or None (no source given). `force` uses it even for models that have the token.
+    """
+
+    kind: str | None
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """The `tokenizer:` block: vocabulary source, per-token embedding sources, padding of the row count."""
+
+    source: str = "union"
+    tokens: Mapping[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
     slices: tuple[OutputSlice, ...] | None = None
@@ -61,14 +85,14 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     # Directory of the YAML file: relative model paths are resolved against it first.
     config_dir: Path | None = None
 
 
-_TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+_TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer"}
 _UNSUPPORTED_TOP_KEYS = {
     "modules": "multi-module models",
-    "tokenizer": "the `tokenizer:` block (vocabulary surgery); use `tokenizer_source`",
     "chat_template": "chat templates",
 }
 
@@ -158,6 +182,47 @@ def _parse_slice(where: str, raw: Any) -> OutputSlice:
     )
 
 
+def _parse_token_source(where: str, raw: Any) -> TokenSource:
+    entry = _check_keys(where, raw, {"source", "force"})
+    force = entry.get("force", False)
+    if not isinstance(force, bool):
+        raise MergeConfigError(f"{where}.force: expected true or false, got {force!r}")
+    source = entry.get("source")
+    if source is None:
+        return TokenSource(kind=None, force=force)
+    if isinstance(source, str):
+        return TokenSource(kind="model", model=_parse_model_name(f"{where}.source", source), force=force)
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind == "zero":
+        _check_keys(f"{where}.source", source, {"kind"})
+        return TokenSource(kind="zero", force=force)
+    if kind == "model_token":
+        _check_keys(f"{where}.source", source, {"kind", "model", "token_id", "token"})
+        if ("token_id" in source) == ("token" in source):
+            raise MergeConfigError(f"{where}.source: give exactly one of `token_id` or `token`")
+        token_id = source.get("token_id")
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+            raise MergeConfigError(f"{where}.source.token_id: expected an integer, got {token_id!r}")
+        return TokenSource(kind="model_token", model=_parse_model_name(f"{where}.source.model", source.get("model")),
+                           token_id=token_id, token=source.get("token"), force=force)
+    raise MergeConfigError(f"{where}.source: expected a model name, {{kind: zero}} or {{kind: model_token, model, token_id|token}}, got {source!r}")
+
+
+def _parse_tokenizer(raw: Any) -> TokenizerSettings:
+    entry = _check_keys("tokenizer", raw, {"source", "tokens", "pad_to_multiple_of"})
+    source = entry.get("source", "union")
+    if not isinstance(source, str) or not source:
+        raise MergeConfigError(f"tokenizer.source: expected `union`, `base` or a model, got {source!r}")
+    tokens = entry.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise MergeConfigError(f"tokenizer.tokens: expected a mapping of token -> settings, got {type(tokens).__name__}")
+    multiple = entry.get("pad_to_multiple_of")
+    if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple <= 0):
+        raise MergeConfigError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {multiple!r}")
+    return TokenizerSettings(source=source, pad_to_multiple_of=multiple,
+                             tokens={str(token): _parse_token_source(f"tokenizer.tokens[{token!r}]", value or {}) for token, value in tokens.items()})
+
+
 def _parse_dtype(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -182,6 +247,8 @@ def parse_merge_config(raw: Any, config_dir: Path | None = None) -> MergeConfig:
     tokenizer_source = entry.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
         raise MergeConfigError(f"merge config: `tokenizer_source` must be a string, got {tokenizer_source!r}")
+    if tokenizer_source is not None and entry.get("tokenizer") is not None:
+        raise MergeConfigError("merge config: give `tokenizer_source` or a `tokenizer:` block, not both")
     return MergeConfig(
         merge_method=entry["merge_method"],
         models=tuple(_parse_source(f"models[{i}]", m, needs_range=False) for i, m in enumerate(entry["models"])) if has_models else None,
@@ -191,6 +258,7 @@ def parse_merge_config(raw: Any, config_dir: Path | None = None) -> MergeConfig:
         dtype=_parse_dtype("dtype", entry.get("dtype")),
         out_dtype=_parse_dtype("out_dtype", entry.get("out_dtype")),
         tokenizer_source=tokenizer_source,
+        tokenizer=_parse_tokenizer(entry["tokenizer"]) if entry.get("tokenizer") is not None else None,
         config_dir=config_dir,
     )
 

@@ -1,4 +1,4 @@
-"""DARE's random keep masks, reproducible from a seed alone.
+"""The merge's randomness (DARE's and DELLA's keep masks, Arcee Fusion's quantile sample), from a seed alone.
 
 Each mask's key is derived from the seed, a stable hash of the tensor's output name and the
 input's position, never from a running RNG state: the same seed gives the same masks on any
@@ -18,9 +18,15 @@ import jax
 
 
 class DropMasks(Protocol):
-    """Where DARE gets its keep masks: True keeps an entry of the delta (probability `density`)."""
+    """Where DARE and DELLA get their keep masks: True keeps an entry of the delta.
 
-    def __call__(self, tensor_name: str, input_index: int, shape: tuple[int, ...], density: float) -> jax.Array: ...
+    `density` is the keep probability: one number (DARE) or one per entry, shaped `shape` (DELLA).
+    """
+
+    def __call__(self, tensor_name: str, input_index: int, shape: tuple[int, ...], density) -> jax.Array: ...
+
+    def sample_indices(self, tensor_name: str, size: int, count: int) -> jax.Array:
+        """`count` indices drawn uniformly from range(size), with replacement."""
 
 
 def stable_name_hash(name: str) -> int:
@@ -44,5 +50,9 @@ class SeededDropMasks:
 
     seed: int
 
-    def __call__(self, tensor_name: str, input_index: int, shape: tuple[int, ...], density: float) -> jax.Array:
+    def __call__(self, tensor_name: str, input_index: int, shape: tuple[int, ...], density) -> jax.Array:
         return _bernoulli(tensor_key(self.seed, tensor_name, input_index), density, tuple(shape))
+
+    def sample_indices(self, tensor_name: str, size: int, count: int) -> jax.Array:
+        key = tensor_key(self.seed, tensor_name, 0x7FFF_FFFF)  # a stream no input's mask uses
+        return jax.random.randint(key, (count,), 0, size)

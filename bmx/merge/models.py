@@ -15,6 +15,7 @@ from bmx.convert import BmxCheckpointReader, open_checkpoint
 from bmx.convert.hf import HF_SIDECAR_DIR
 from bmx.merge.architecture import ARCHITECTURES, Architecture
 from bmx.model.checkpoint import TOKENIZER_DIR
+from bmx.model.config import MistralConfig
 
 
 class IncompatibleModelsError(ValueError):
@@ -33,6 +34,13 @@ class InputModel:
     @property
     def num_layers(self) -> int:
         return int(self.hf_config[self.architecture.layer_count_key])
+
+    @property
+    def config_file(self) -> Path:
+        """The file its architecture was read from (named in errors)."""
+        if isinstance(self.weights, BmxCheckpointReader):
+            return self.path / "bmx_checkpoint.json"
+        return self.path / "config.json"
 
 
 def resolve_model_path(reference: str, config_dir: Path | None) -> Path:
@@ -115,8 +123,37 @@ def tokenizer_vocabulary(tokenizer_dir: Path) -> dict[str, int] | None:
     return vocab
 
 
-def check_compatible(models: Iterable[InputModel]) -> None:
-    """Same architecture, complete tensor layouts, same vocabulary; raises naming the first difference."""
+# Fields that shape what the network computes; inputs must agree on every one (layer counts may
+# differ: slices restack layers; vocabularies may differ: tokenizer_source remaps them).
+_DEFAULTS = MistralConfig(num_hidden_layers=1)
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                       "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "sliding_window",
+                       "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def architecture_value(hf_config: dict, field: str) -> Any:
+    """A field's effective value: transformers' defaults filled in, rope_theta found in rope_parameters too."""
+    if field == "rope_theta" and "rope_theta" not in hf_config:
+        return (hf_config.get("rope_parameters") or {}).get("rope_theta", _DEFAULTS.rope_theta)
+    if field == "head_dim" and hf_config.get("head_dim") is None:
+        return hf_config["hidden_size"] // hf_config["num_attention_heads"] if "num_attention_heads" in hf_config else None
+    if field in hf_config:
+        return hf_config[field]
+    return getattr(_DEFAULTS, field, None)
+
+
+def check_same_architecture(first: InputModel, model: InputModel) -> None:
+    for field in ARCHITECTURE_FIELDS:
+        ours, theirs = architecture_value(first.hf_config, field), architecture_value(model.hf_config, field)
+        if ours != theirs:
+            raise IncompatibleModelsError(
+                f"{field} differs between {first.config_file} ({ours!r}) and {model.config_file} ({theirs!r}); "
+                "merged models must share their architecture")
+
+
+def check_compatible(models: Iterable[InputModel], same_vocabulary: bool = True) -> None:
+    """Same architecture, complete tensor layouts and (unless `same_vocabulary` is False, when
+    `tokenizer_source` re-indexes the embeddings) the same vocabulary; raises naming the first difference."""
     models = list(models)
     first = models[0]
     for model in models:
@@ -124,14 +161,17 @@ def check_compatible(models: Iterable[InputModel]) -> None:
     for model in models[1:]:
         if model.architecture != first.architecture:
             raise IncompatibleModelsError(f"models `{first.reference}` ({first.architecture.name}) and `{model.reference}` ({model.architecture.name}) have different architectures")
-        if model.hf_config.get("vocab_size") != first.hf_config.get("vocab_size"):
+        check_same_architecture(first, model)
+        if same_vocabulary and model.hf_config.get("vocab_size") != first.hf_config.get("vocab_size"):
             raise IncompatibleModelsError(
                 f"models `{first.reference}` and `{model.reference}` have different vocabularies "
-                f"(vocab_size {first.hf_config.get('vocab_size')} vs {model.hf_config.get('vocab_size')}); bmx.merge does not remap embeddings"
+                f"(vocab_size {first.hf_config.get('vocab_size')} vs {model.hf_config.get('vocab_size')}); set tokenizer_source (base, union or a model) to re-index the embeddings"
             )
         has_head = {m.reference: "lm_head.weight" in m.weights for m in (first, model)}
         if len(set(has_head.values())) > 1:
             raise IncompatibleModelsError(f"models `{first.reference}` and `{model.reference}` disagree on tied embeddings (lm_head.weight present: {has_head})")
+    if not same_vocabulary:
+        return
     vocabularies = [(m.reference, tokenizer_vocabulary(m.tokenizer_dir)) for m in models]
     vocabularies = [(reference, vocab) for reference, vocab in vocabularies if vocab is not None]
     for reference, vocab in vocabularies[1:]:
@@ -139,5 +179,5 @@ def check_compatible(models: Iterable[InputModel]) -> None:
             differing = sorted(set(vocab.items()) ^ set(vocabularies[0][1].items()))
             raise IncompatibleModelsError(
                 f"models `{vocabularies[0][0]}` and `{reference}` have different tokenizer vocabularies "
-                f"(e.g. {differing[0]!r}); bmx.merge does not remap embeddings"
+                f"(e.g. {differing[0]!r}); set tokenizer_source (base, union or a model) to re-index the embeddings"
             )

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 from bmx.merge.config import Conditional, MergeConfigError
 
 REQUIRED = object()
+OPTIONAL_FLOAT = "optional float"  # a number or None (passthrough's `scale`)
 
 
 class Scope(str, Enum):
@@ -29,7 +30,7 @@ class Scope(str, Enum):
 @dataclass(frozen=True)
 class ParameterSpec:
     name: str
-    kind: type  # float or bool
+    kind: type | str  # float, int, bool or OPTIONAL_FLOAT
     scope: Scope
     default: Any = REQUIRED
 
@@ -52,14 +53,23 @@ def coerce(spec: ParameterSpec, value: Any, where: str) -> float | bool:
         if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
             return value.strip().lower() in _TRUE_WORDS
         raise MergeConfigError(f"{where}: parameter `{spec.name}` must be a boolean, got {value!r}")
+    if spec.kind is OPTIONAL_FLOAT and value is None:
+        return None
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise MergeConfigError(f"{where}: parameter `{spec.name}` must be a number, got {value!r}")
+    if number is None:
+        raise MergeConfigError(f"{where}: parameter `{spec.name}` must be a number, got {value!r}")
+    if spec.kind is int:  # pydantic's lax int: whole numbers only
+        if not number.is_integer():
+            raise MergeConfigError(f"{where}: parameter `{spec.name}` must be a whole number, got {value!r}")
+        return int(number)
+    return number
 
 
 def evaluate_setting(spec: ParameterSpec, setting: Any, tensor_name: str, t: float, where: str) -> Any:
@@ -72,13 +82,13 @@ def evaluate_setting(spec: ParameterSpec, setting: Any, tensor_name: str, t: flo
         return None
     if not any(isinstance(entry, Conditional) for entry in setting):
         values = [coerce(spec, entry, where) for entry in setting]
-        if spec.kind is bool:  # discrete values are picked, not interpolated
+        if spec.kind is bool or None in values:  # discrete values are picked, not interpolated
             return values[int(t * (len(values) - 1))]
         scaled = t * (len(values) - 1)
         lower = int(scaled)
         upper = min(len(values) - 1, lower + 1)
         fraction = scaled - lower
-        return (1 - fraction) * values[lower] + fraction * values[upper]
+        return coerce(spec, (1 - fraction) * values[lower] + fraction * values[upper], where)
     for condition in setting:
         if condition.filter is None or condition.filter == "*" or (tensor_name and condition.filter in tensor_name):
             return evaluate_setting(spec, condition.value, tensor_name, t, where)

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from bmx.merge.config import MergeConfig, MergeConfigError, OutputSlice, SliceSource
-from bmx.merge.method_specs import MethodSpec, check_parameter_names
+from bmx.merge.method_specs import BasePolicy, MethodSpec, Sparsification, check_parameter_names
 from bmx.merge.models import IncompatibleModelsError, InputModel
 from bmx.merge.parameters import Scope, resolve_parameter
 
@@ -49,6 +49,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     work_dtype: np.dtype  # what the inputs are cast to before merging (mergekit's `dtype`)
     out_dtype: np.dtype
+    vocabulary: bool = False  # rows indexed by token id, re-indexed to the output tokenizer before merging
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,28 @@ def output_slices(config: MergeConfig, models: Mapping[str, InputModel]) -> tupl
     return (OutputSlice(tuple(sources)),)
 
 
+def _check_count(where: str, method: MethodSpec, what: str, count: int, minimum: int, maximum: int | None) -> None:
+    if minimum <= count and (maximum is None or count <= maximum):
+        return
+    expected = f"exactly {minimum}" if minimum == maximum else (f"at least {minimum}" if count < minimum else f"at most {maximum}")
+    raise MergeConfigError(f"{where}: {method.name} needs {expected} {what}, got {count}")
+
+
 def _slice_base_index(method: MethodSpec, config: MergeConfig, slice_: OutputSlice, where: str) -> int | None:
+    """The base's position among the slice's sources (None: no base), after mergekit's input-contract checks."""
     references = [s.model for s in slice_.sources]
     if len(set(references)) != len(references):
         raise MergeConfigError(f"{where}: a model is listed twice among the sources {references}")
-    count = len(references)
-    if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
-        expected = f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else f"at least {method.min_inputs}"
-        raise MergeConfigError(f"{where}: {method.name} needs {expected} input models, got {count}")
-    if not method.needs_base:
-        return None
-    base = slice_.base_model or config.base_model
-    if base is None:
-        raise MergeConfigError(f"{where}: {method.name} needs a `base_model`")
-    if base not in references:
+    base = None if method.base is BasePolicy.IGNORED else (slice_.base_model or config.base_model)
+    if base is not None and base not in references:
         raise MergeConfigError(f"{where}: base_model `{base}` is not among the sources {references}")
-    return references.index(base)
+    if method.base is BasePolicy.REQUIRED and base is None:
+        raise MergeConfigError(f"{where}: {method.name} needs a `base_model`")
+    _check_count(where, method, "input models", len(references), method.min_inputs, method.max_inputs)
+    if method.min_non_base is not None or method.max_non_base is not None:
+        non_base = len(references) - (base is not None)
+        _check_count(where, method, "models besides the base", non_base, method.min_non_base or 0, method.max_non_base)
+    return None if base is None else references.index(base)
 
 
 def _check_layer_ranges(slice_: OutputSlice, models: Mapping[str, InputModel], where: str) -> int:
@@ -99,9 +106,17 @@ def _check_layer_ranges(slice_: OutputSlice, models: Mapping[str, InputModel], w
     return lengths.pop()
 
 
+def _check_della_window(values: Mapping[str, Any], where: str) -> None:
+    """mergekit raises this mid-merge (`della_magprune`); bmx finds it before writing anything."""
+    density, epsilon = values["density"], values["epsilon"]
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise MergeConfigError(f"{where}: epsilon {epsilon} must keep density ± epsilon inside (0, 1) (density {density})")
+
+
 class _Planner:
-    def __init__(self, config: MergeConfig, method: MethodSpec, models: Mapping[str, InputModel]):
+    def __init__(self, config: MergeConfig, method: MethodSpec, models: Mapping[str, InputModel], vocabulary_rows: int | None):
         self.config, self.method, self.models = config, method, models
+        self.vocabulary_rows = vocabulary_rows
         self.tensors: list[TensorPlan] = []
 
     def plan_tensor(self, out_name: str, in_names: list[str], slice_: OutputSlice, base_index: int | None, t: float) -> None:
@@ -111,9 +126,13 @@ class _Planner:
             return  # tied to the embedding in every input: nothing to write
         specs = [self.models[s.model].weights.spec(name) for s, name in zip(sources, in_names)]
         shapes = {s.model: spec.shape for s, spec in zip(sources, specs)}
-        if len(set(shapes.values())) > 1:
-            hint = " (different vocabularies?)" if out_name in self.models[sources[0].model].architecture.vocabulary_weights else ""
+        vocabulary = out_name in self.models[sources[0].model].architecture.vocabulary_weights
+        realigned = vocabulary and self.vocabulary_rows is not None  # rows are re-indexed to the output tokenizer
+        compared = {model: shape[1:] for model, shape in shapes.items()} if realigned else shapes
+        if len(set(compared.values())) > 1:
+            hint = " (different vocabularies? set tokenizer_source)" if vocabulary and not realigned else ""
             raise IncompatibleModelsError(f"tensor {out_name!r}: shapes differ between models {shapes}{hint}")
+        shape = (self.vocabulary_rows, *specs[0].shape[1:]) if realigned else specs[0].shape
         for source, spec in zip(sources, specs):
             if not jnp.issubdtype(spec.dtype, jnp.floating):
                 raise IncompatibleModelsError(f"model `{source.model}`: tensor {spec.name!r} has dtype {spec.dtype}; only floating-point weights can be merged")
@@ -129,8 +148,10 @@ class _Planner:
             scopes = (source.parameters, slice_.parameters, self.config.parameters)
             wanted = [p for p in self.method.input_parameters if index != base_index or p.scope is Scope.INPUT]
             values = {p.name: resolve_parameter(p, scopes, name, t, f"model `{source.model}`, tensor {name!r}") for p in wanted}
+            if self.method.sparsification is Sparsification.DELLA_MAGPRUNE and index != base_index:
+                _check_della_window(values, f"model `{source.model}`, tensor {name!r}")
             inputs.append(TensorInput(source.model, name, values))
-        self.tensors.append(TensorPlan(out_name, tuple(inputs), base_index, shared, t, specs[0].shape, work_dtype, out_dtype))
+        self.tensors.append(TensorPlan(out_name, tuple(inputs), base_index, shared, t, shape, work_dtype, out_dtype, realigned))
 
     def plan_slice(self, slice_: OutputSlice, base_index: int | None, first_output_layer: int, length: int) -> None:
         architecture = self.models[slice_.sources[0].model].architecture
@@ -142,10 +163,11 @@ class _Planner:
                 self.plan_tensor(out_name, [names[position] for names in in_names], slice_, base_index, t)
 
 
-def plan_merge(config: MergeConfig, method: MethodSpec, models: Mapping[str, InputModel]) -> MergePlan:
+def plan_merge(config: MergeConfig, method: MethodSpec, models: Mapping[str, InputModel], vocabulary_rows: int | None = None) -> MergePlan:
+    """One TensorPlan per output tensor; `vocabulary_rows`: the output tokenizer's size when embeddings are re-indexed."""
     check_parameter_names(method, "parameters", config.parameters)
     slices = output_slices(config, models)
-    planner = _Planner(config, method, models)
+    planner = _Planner(config, method, models, vocabulary_rows)
     bases, lengths = [], []
     for index, slice_ in enumerate(slices):
         where = f"slices[{index}]" if config.slices is not None else "models"

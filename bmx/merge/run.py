@@ -25,12 +25,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from bmx.convert import hf_to_bmx
 from bmx.convert.hf import HF_SIDECAR_DIR
 from bmx.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec, atomic_output_dir, parse_size
-from bmx.merge.config import MergeConfig, MergeConfigError, load_merge_config
+from bmx.merge.config import MergeConfig, load_merge_config
 from bmx.merge.drop_masks import DropMasks, SeededDropMasks
 from bmx.merge.method_specs import method_spec
-from bmx.merge.models import IncompatibleModelsError, InputModel, check_compatible, open_model, tokenizer_vocabulary
+from bmx.merge.models import InputModel, check_compatible, open_model
 from bmx.merge.plan import MergePlan, TensorPlan, plan_merge
 from bmx.merge.tensor_merge import SlerpRecord, merge_tensor
+from bmx.merge.vocabulary import OutputVocabulary, build_output_vocabulary
 
 LOG = logging.getLogger("bmx.merge")
 
@@ -69,14 +70,18 @@ def merge_device(name: str) -> jax.Device:
         raise ValueError(f"device {name!r}: JAX has no such backend here (available: {sorted({d.platform for d in jax.devices()})})") from None
 
 
+def _uses_tokenizer_handling(config: MergeConfig) -> bool:
+    return config.tokenizer_source is not None or config.tokenizer is not None
+
+
 def open_models(config: MergeConfig) -> dict[str, InputModel]:
-    """Every model the config names (sources, base, tokenizer source), opened and checked against each other."""
+    """Every model the config names (sources, base), opened and checked against each other."""
     references = [s.model for s in config.models] if config.models is not None else [s.model for sl in config.slices for s in sl.sources]
     references += [sl.base_model for sl in config.slices or () if sl.base_model]
     if config.base_model:
         references.append(config.base_model)
     models = {reference: open_model(reference, config.config_dir) for reference in dict.fromkeys(references)}
-    check_compatible(models.values())
+    check_compatible(models.values(), same_vocabulary=not _uses_tokenizer_handling(config))
     return models
 
 
@@ -85,40 +90,24 @@ def donor_model(config: MergeConfig, models: dict[str, InputModel]) -> InputMode
     return models[config.base_model] if config.base_model else next(iter(models.values()))
 
 
-def tokenizer_donor(config: MergeConfig, models: dict[str, InputModel]) -> InputModel:
-    source = config.tokenizer_source
-    if source is None:
-        return donor_model(config, models)
-    if source == "union":
-        raise MergeConfigError("tokenizer_source `union` builds a new vocabulary and remaps embeddings, which bmx.merge does not do; models must share one vocabulary")
-    if source == "base":
-        if not config.base_model:
-            raise MergeConfigError("tokenizer_source `base` needs a `base_model`")
-        return models[config.base_model]
+def tokenizer_source_model(config: MergeConfig, models: dict[str, InputModel]) -> InputModel | None:
+    """The model named by `tokenizer_source` / `tokenizer.source`, opened if it is not an input (None for base/union)."""
+    source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source
+    if source is None or source in ("base", "union"):
+        return None
     if source not in models:
         donor = open_model(source, config.config_dir)
-        check_compatible([*models.values(), donor])
+        check_compatible([*models.values(), donor], same_vocabulary=False)
         return donor
     return models[source]
 
 
-def _check_tokenizer_matches_embeddings(config: MergeConfig, donor: InputModel) -> None:
-    """With `tokenizer_source` mergekit resizes embeddings to the tokenizer; bmx only copies, so they must agree."""
-    vocabulary = tokenizer_vocabulary(donor.tokenizer_dir)
-    if config.tokenizer_source is None or vocabulary is None:
-        return
-    rows = donor.hf_config.get("vocab_size")
-    if len(vocabulary) != rows:
-        raise IncompatibleModelsError(
-            f"tokenizer of `{donor.reference}` has {len(vocabulary)} tokens but the models have vocab_size {rows}; "
-            "mergekit would resize the embeddings, bmx.merge does not (drop tokenizer_source to keep them as they are)"
-        )
-
-
-def _output_config(donor: InputModel, plan: MergePlan) -> dict:
-    """The donor's config.json with the merged model's layer count and dtype."""
+def _output_config(donor: InputModel, plan: MergePlan, vocabulary: OutputVocabulary | None) -> dict:
+    """The donor's config.json with the merged model's layer count, vocabulary size and dtype."""
     hf_config = dict(donor.hf_config)
     hf_config[donor.architecture.layer_count_key] = plan.num_layers
+    if vocabulary is not None:
+        hf_config["vocab_size"] = vocabulary.rows
     largest = max(plan.tensors, key=lambda t: int(np.prod(t.shape)))
     hf_config["dtype"] = largest.out_dtype.name
     if "torch_dtype" in hf_config:  # written by transformers < 5
@@ -126,7 +115,12 @@ def _output_config(donor: InputModel, plan: MergePlan) -> dict:
     return hf_config
 
 
-def _read_inputs(plan: TensorPlan, models: dict[str, InputModel], device: jax.Device) -> list[jax.Array]:
+def _read_inputs(plan: TensorPlan, models: dict[str, InputModel], device: jax.Device, vocabulary: OutputVocabulary | None = None) -> list[jax.Array]:
+    if plan.vocabulary:  # re-index token rows on the host, then merge as usual
+        host = {source.model: np.asarray(models[source.model].weights.read(source.name)).astype(plan.work_dtype) for source in plan.inputs}
+        aligned = vocabulary.align(host)
+        del host
+        return [jax.device_put(aligned[source.model], device) for source in plan.inputs]
     arrays = []
     for source in plan.inputs:
         host = models[source.model].weights.read(source.name)
@@ -135,13 +129,14 @@ def _read_inputs(plan: TensorPlan, models: dict[str, InputModel], device: jax.De
     return arrays
 
 
-def _write_tensors(plan: MergePlan, models, staging: Path, device, max_shard_bytes: int, drop_masks: DropMasks, report: MergeReport) -> None:
+def _write_tensors(plan: MergePlan, models, staging: Path, device, max_shard_bytes: int, drop_masks: DropMasks, report: MergeReport,
+                   vocabulary: OutputVocabulary | None) -> None:
     specs = [TensorSpec(t.name, t.shape, t.out_dtype) for t in plan.tensors]
     writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes, metadata={"merged_by": "bmx.merge", "merge_method": plan.method.name})
     total = sum(spec.nbytes for spec in specs)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({plan.method.name})") as progress:
         for tensor_plan, spec in zip(plan.tensors, specs):
-            inputs = _read_inputs(tensor_plan, models, device)
+            inputs = _read_inputs(tensor_plan, models, device, vocabulary)
             merged, slerp_record = merge_tensor(plan.method, tensor_plan, inputs, drop_masks)
             writer.write(tensor_plan.name, np.asarray(merged.astype(tensor_plan.out_dtype)))
             del inputs, merged
@@ -196,16 +191,19 @@ def run_merge(
     method = method_spec(config.merge_method)
     jax_device = merge_device(device)
     models = open_models(config)
-    plan = plan_merge(config, method, models)
-    tokenizer_model = tokenizer_donor(config, models)
-    _check_tokenizer_matches_embeddings(config, tokenizer_model)
+    vocabulary = build_output_vocabulary(config, models, tokenizer_source_model(config, models))
+    plan = plan_merge(config, method, models, vocabulary_rows=vocabulary.rows if vocabulary else None)
     report = MergeReport(Path(out_dir), method.name, seed)
     drop_masks = drop_masks or SeededDropMasks(seed)
 
     with atomic_output_dir(out_dir) as staging, logging_redirect_tqdm(), jax.default_device(jax_device):
-        _write_tensors(plan, models, staging, jax_device, parse_size(out_shard_size), drop_masks, report)
-        (staging / "config.json").write_text(json.dumps(_output_config(donor_model(config, models), plan), indent=2) + "\n")
-        _copy_tokenizer(tokenizer_model, staging)
+        _write_tensors(plan, models, staging, jax_device, parse_size(out_shard_size), drop_masks, report, vocabulary)
+        donor = donor_model(config, models)
+        (staging / "config.json").write_text(json.dumps(_output_config(donor, plan, vocabulary), indent=2) + "\n")
+        if vocabulary is not None:
+            vocabulary.tokenizer.save_pretrained(str(staging))
+        else:
+            _copy_tokenizer(donor, staging)
         summary = {"merge_method": method.name, "seed": seed, "slerp": [vars(r) for r in report.slerp]}
         (staging / "bmx_merge_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report.seconds = time.perf_counter() - started

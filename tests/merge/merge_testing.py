@@ -23,10 +23,12 @@ TINY = dict(
 )
 
 
-def tokenizer_files(directory: Path, vocab_size: int, max_length: int = 512, last_token: str | None = None) -> None:
+def tokenizer_files(directory: Path, vocab_size: int, max_length: int = 512, last_token: str | None = None,
+                    pad_token: str | None = None) -> None:
     """A word-level tokenizer with `vocab_size` tokens (so mergekit's vocabulary path is an identity).
 
-    `last_token` renames the last token: same size, different vocabulary.
+    `last_token` renames the last token: same size, different vocabulary. `pad_token` adds a special
+    token after the words (id `vocab_size`), as BioMistral's training added `<pad>`.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -36,14 +38,24 @@ def tokenizer_files(directory: Path, vocab_size: int, max_length: int = 512, las
         words[-1] = last_token
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", model_max_length=max_length).save_pretrained(directory)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", model_max_length=max_length)
+    if pad_token is not None:
+        tokenizer.add_special_tokens({"pad_token": pad_token})
+    tokenizer.save_pretrained(directory)
 
 
-def build_model(directory: Path, seed: int, like: Path | None = None, noise: float = 0.0, norm_noise: float = 0.1, **overrides) -> Path:
+# Every matrix 64 x 64 and two layers: each jitted merge kernel compiles for two shapes only.
+SQUARE = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+              vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def build_model(directory: Path, seed: int, like: Path | None = None, noise: float = 0.0, norm_noise: float = 0.1,
+                changed_fraction: float = 1.0, **overrides) -> Path:
     """A random MistralForCausalLM saved with save_pretrained (float32 safetensors).
 
     With `like`, start from that model's weights plus Gaussian `noise` (a fine-tune of it); norm
     weights get their own relative noise so SLERP sees both collinear and non-collinear tensors.
+    `changed_fraction` < 1 leaves the other entries exactly equal to `like`'s (a sparse fine-tune).
     """
     import torch
     from transformers import MistralConfig, MistralForCausalLM
@@ -57,9 +69,12 @@ def build_model(directory: Path, seed: int, like: Path | None = None, noise: flo
             for name, parameter in model.named_parameters():
                 start = torch.from_numpy(np.array(reference.read(name)))
                 if "norm" in name:
-                    parameter.copy_(start * (1 + norm_noise * torch.randn_like(start)))
+                    changed = start * (1 + norm_noise * torch.randn_like(start))
                 else:
-                    parameter.copy_(start + noise * torch.randn_like(start))
+                    changed = start + noise * torch.randn_like(start)
+                if changed_fraction < 1:
+                    changed = torch.where(torch.rand_like(start) < changed_fraction, changed, start)
+                parameter.copy_(changed)
         else:
             for name, parameter in model.named_parameters():
                 if "norm" in name:
@@ -77,7 +92,8 @@ def absolute_models(config: dict, root: Path) -> dict:
     """The same config with model names made absolute paths (mergekit resolves against the cwd)."""
     def fix(value):
         if isinstance(value, dict):
-            return {k: (str(root / v) if k in ("model", "base_model") and isinstance(v, str) else fix(v)) for k, v in value.items()}
+            return {k: (str(root / v) if k in ("model", "base_model", "source") and isinstance(v, str) and v not in ("base", "union") else fix(v))
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [fix(v) for v in value]
         return value
@@ -109,16 +125,26 @@ def assert_same_tensors(ours: Path, reference: Path, atol: float = 1e-6, rtol: f
 
 
 class InjectedMasks:
-    """The same precomputed keep masks for bmx and mergekit, keyed by (tensor name, non-base position)."""
+    """The same keep masks for bmx and mergekit: uniform draws u per (tensor name, non-base position),
+    kept where u < the keep probability each side computed (DARE's density, DELLA's per-entry probabilities),
+    so equal outputs also prove equal probabilities."""
 
     def __init__(self, names_and_shapes, inputs: int, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.masks = {(name, i): rng.random(shape) < 0.6 for name, shape in names_and_shapes for i in range(inputs)}
+        self.uniforms = {(name, i): rng.random(shape) for name, shape in names_and_shapes for i in range(inputs)}
         self.used: set = set()
+
+    def keep(self, tensor_name, input_index, probabilities) -> np.ndarray:
+        probabilities = np.asarray(probabilities, np.float32)
+        uniform = self.uniforms[(tensor_name, input_index)]
+        return uniform.reshape(probabilities.shape) < probabilities if probabilities.ndim else uniform < probabilities
 
     def __call__(self, tensor_name, input_index, shape, density):
         self.used.add((tensor_name, input_index))
-        return jnp.asarray(self.masks[(tensor_name, input_index)])
+        return jnp.asarray(self.keep(tensor_name, input_index, density).reshape(shape))
+
+    def sample_indices(self, tensor_name, size, count):
+        raise AssertionError("tiny tensors never need a quantile sample")
 
 
 def inject_into_mergekit(monkeypatch, masks: InjectedMasks) -> None:
@@ -138,9 +164,8 @@ def inject_into_mergekit(monkeypatch, masks: InjectedMasks) -> None:
         return sparsify(*args, **kwargs)
 
     def injected_bernoulli(probabilities, *args, **kwargs):
-        mask = masks.masks[(state["name"], state["position"])]
-        assert tuple(probabilities.shape) == mask.shape
-        return torch.from_numpy(mask.copy()).to(probabilities.dtype)
+        mask = masks.keep(state["name"], state["position"], probabilities.float().numpy())
+        return torch.from_numpy(mask).to(probabilities.dtype)
 
     monkeypatch.setattr(gta.GeneralizedTaskArithmeticMerge, "merge_group", tracking_merge_group)
     monkeypatch.setattr(gta, "sparsify", counting_sparsify)

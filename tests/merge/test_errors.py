@@ -26,6 +26,10 @@ def odd_models(tiny_models) -> Path:
     for name, last_token in (("base_tok", None), ("renamed_tok", "zebra")):
         shutil.copytree(root / "base", root / name)
         tokenizer_files(root / name, 128, last_token=last_token)
+    shutil.copytree(root / "base", root / "long_rope")
+    (root / "long_rope" / "config.json").write_text(json.dumps({**config, "rope_theta": 1e6}))
+    shutil.copytree(root / "wider_mlp", root / "lying_mlp")  # says 128 like base, stores 96
+    (root / "lying_mlp" / "config.json").write_text(json.dumps(config))
     (root / "pickled").mkdir()
     shutil.copy(root / "base" / "config.json", root / "pickled")
     (root / "pickled" / "pytorch_model.bin").write_bytes(b"not really a pickle")
@@ -52,13 +56,20 @@ def slerp(first: str, second: str, **overrides) -> dict:
 
 
 CASES = {
-    "shapes": (two_model_ties("base", "wider_mlp"), IncompatibleModelsError, r"tensor 'model.layers.0.mlp.up_proj.weight': shapes differ between models \{'base': \(128, 64\), 'wider_mlp': \(96, 64\)\}"),
+    "architecture field": (two_model_ties("base", "wider_mlp"), IncompatibleModelsError, r"intermediate_size differs between \S+/base/config.json \(128\) and \S+/wider_mlp/config.json \(96\)"),
+    "rope_theta": (slerp("base", "long_rope"), IncompatibleModelsError, r"rope_theta differs between \S+/base/config.json \(10000.0\) and \S+/long_rope/config.json \(1000000.0\)"),
+    "shapes": (two_model_ties("base", "lying_mlp"), IncompatibleModelsError, r"tensor 'model.layers.0.mlp.up_proj.weight': shapes differ between models \{'base': \(128, 64\), 'lying_mlp': \(96, 64\)\}"),
+    "della window": ({**two_model_ties("base", "other"), "merge_method": "della", "parameters": {"epsilon": 0.5}}, MergeConfigError, r"model `other`, tensor 'model.embed_tokens.weight': epsilon 0.5 must keep density ± epsilon inside \(0, 1\) \(density 0.5\)"),
+    "two for passthrough": ({**two_model_ties("base", "other"), "merge_method": "passthrough", "models": [{"model": "base"}, {"model": "other"}]}, MergeConfigError, r"passthrough needs exactly 1 input models, got 2"),
+    "two for model_stock": ({**two_model_ties("base", "other"), "merge_method": "model_stock", "models": [{"model": "base"}, {"model": "other"}]}, MergeConfigError, r"model_stock needs at least 3 input models, got 2"),
+    "three for nuslerp": ({"models": [{"model": m, "parameters": {"weight": 1}} for m in ("other", "tuned_a", "tuned_b")], "merge_method": "nuslerp", "base_model": "base"}, MergeConfigError, r"nuslerp needs exactly 2 models besides the base, got 3"),
+    "whole max_iter": ({"models": [{"model": "base"}, {"model": "other"}], "merge_method": "karcher", "parameters": {"max_iter": 2.5}}, MergeConfigError, r"parameter `max_iter` must be a whole number, got 2.5"),
     "vocab size": (two_model_ties("base", "bigger_vocab"), IncompatibleModelsError, r"different vocabularies \(vocab_size 128 vs 130\)"),
     "tokenizer vocab": (two_model_ties("base_tok", "renamed_tok"), IncompatibleModelsError, r"different tokenizer vocabularies \(e.g. \('w127', 127\)\)"),
     "architecture": (two_model_ties("base", "llama"), IncompatibleModelsError, r"model `llama`: architecture \['LlamaForCausalLM'\] is not one bmx.merge knows"),
     "pickled": (two_model_ties("base", "pickled"), CheckpointFormatError, r"pytorch_model.bin: pickled PyTorch checkpoints are refused"),
     "missing model": (two_model_ties("base", "nowhere"), FileNotFoundError, r"model `nowhere`: no such directory"),
-    "method": ({**two_model_ties("base", "other"), "merge_method": "frankenmerge"}, MergeConfigError, r"merge_method `frankenmerge` is not supported"),
+    "method": ({**two_model_ties("base", "other"), "merge_method": "frankenmerge"}, MergeConfigError, r"merge_method `frankenmerge` is not one of mergekit's; expected one of \['arcee_fusion', 'breadcrumbs'"),
     "foreign parameter": (slerp("base", "other", parameters={"t": 0.5, "density": 0.3}), MergeConfigError, r"`density` is not a parameter of slerp"),
     "missing t": (slerp("base", "other", parameters={}), MergeConfigError, r"missing required parameter `t`"),
     "missing weight": ({**two_model_ties("base", "other"), "models": [{"model": "base"}, {"model": "other"}]}, MergeConfigError, r"model `other`, tensor 'model.embed_tokens.weight': missing required parameter `weight`"),
@@ -66,7 +77,6 @@ CASES = {
     "no base": ({k: v for k, v in two_model_ties("base", "other").items() if k != "base_model"}, MergeConfigError, r"ties needs a `base_model`"),
     "base not a source": (slerp("base", "other", base_model="tuned_a"), MergeConfigError, r"base_model `tuned_a` is not among the sources \['base', 'other'\]"),
     "layer range": ({**slerp("base", "other"), "slices": [{"sources": [{"model": "base", "layer_range": [0, 4]}, {"model": "other", "layer_range": [1, 5]}]}]}, MergeConfigError, r"layer_range \[1, 5\] of `other` exceeds its 4 layers"),
-    "union tokenizer": (slerp("base", "other", tokenizer_source="union"), MergeConfigError, r"tokenizer_source `union`"),
 }
 
 
@@ -92,7 +102,7 @@ def test_unavailable_device_is_named(tiny_models, tmp_path):
 
 
 def test_cli_reports_one_line_and_exit_code_2(odd_models, tmp_path, capsys):
-    config = write_config(odd_models / f"{tmp_path.name}.yaml", two_model_ties("base", "wider_mlp"))
+    config = write_config(odd_models / f"{tmp_path.name}.yaml", two_model_ties("base", "lying_mlp"))
     assert main([str(config), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.startswith("error: tensor 'model.layers.0.mlp.up_proj.weight': shapes differ")
