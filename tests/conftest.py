@@ -10,8 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # PyTorch's own thread pool fights XLA's for the 2 cores and stalls the reference computations.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Commands turn on JAX's persistent compilation cache in ~/.cache; tests must not write there.
+os.environ.setdefault("BMX_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
+
+pytest_plugins = ["object_store"]  # the fake_gcs fixture (tests/object_store.py)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

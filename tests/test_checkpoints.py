@@ -8,6 +8,7 @@ import pytest
 from bmx import checkpoints
 from bmx.convert import hf_to_bmx
 from hf_reference import hf_logits, save_tiny_hf_model
+from object_store import upload
 
 INPUT_IDS = np.array([[1, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12]])  # longer than the window of 8
 
@@ -68,3 +69,13 @@ def test_the_tokenizer_is_found_by_one_rule(tmp_path):
     hf.mkdir()
     (hf / "tokenizer_config.json").write_text(json.dumps({}))
     assert checkpoints.find_tokenizer(hf) == str(hf)
+
+
+def test_an_hf_directory_on_an_object_store_loads_like_a_local_one(model_dirs, fake_gcs):
+    root, reference = model_dirs
+    upload(root / "hf", "gs://bucket/models/hf")
+    assert checkpoints.checkpoint_kind("gs://bucket/models/hf") == "hf"
+    model, config = checkpoints.load("gs://bucket/models/hf")
+    assert config.num_hidden_layers == 2
+    np.testing.assert_allclose(np.asarray(model(INPUT_IDS)), hf_logits(reference, INPUT_IDS), atol=1e-4)
+    assert checkpoints.find_tokenizer("gs://bucket/models/hf") == "mistral-v0.1"

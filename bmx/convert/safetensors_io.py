@@ -2,7 +2,7 @@
 
 The format (https://github.com/huggingface/safetensors#format) is an 8-byte little-endian header
 length, a JSON header `{name: {dtype, shape, data_offsets}}` and the raw little-endian bytes.
-Reading through `np.memmap` gives zero-copy, bit-exact access to any dtype (bfloat16 through
+Reading local files through `np.memmap` gives zero-copy, bit-exact access to any dtype (bfloat16 through
 `ml_dtypes`), and writing from a plan (names, shapes and dtypes known up front) lets each tensor be
 written as soon as it exists, so neither side ever holds the whole model in memory.
 """
@@ -23,6 +23,9 @@ from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from bmx.paths import is_local
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -132,8 +135,8 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...],
     Errors name the file.
     """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
+        size = _file_size(path)
+        with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) != 8:
                 raise CheckpointFormatError("truncated safetensors file (no header length)")
@@ -164,6 +167,10 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...],
     return entries, 8 + header_len
 
 
+def _file_size(path) -> int:
+    return path.stat().st_size if isinstance(path, Path) else path.stat().length
+
+
 def _shard_path(directory: Path, index: Path, name) -> Path:
     """The shard an index entry names, refused unless it is a file name inside the model directory."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
@@ -179,7 +186,8 @@ class SafetensorsReader:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        # Local files are memory-mapped; on an object store (gs://…) each tensor is one ranged read.
+        self.directory = Path(directory) if is_local(directory) else epath.Path(directory)
         self._locations: dict[str, tuple[Path, int, tuple]] = {}
         weight_map = self._weight_map()
         files = sorted(set(weight_map.values())) if weight_map is not None else self._single_file()
@@ -251,7 +259,14 @@ class SafetensorsReader:
         dtype, shape, begin, end = entry  # validated when the reader opened
         if end == begin:
             return np.zeros(shape, dtype)
-        return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+        if isinstance(file, Path):
+            return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+        with file.open("rb") as handle:
+            handle.seek(data_start + begin)
+            data = handle.read(end - begin)
+        if len(data) != end - begin:
+            raise CheckpointFormatError(f"{file}: tensor {name!r} ends early (truncated while reading?)")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._locations)

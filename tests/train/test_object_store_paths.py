@@ -7,37 +7,10 @@ it cannot append, like GCS.
 import json
 import os
 
-import fsspec
-import pytest
 from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
 
 from bmx.paths import absolute, is_local
 from bmx.train.metrics import MetricsWriter
-
-
-class FakeGCS(MemoryFileSystem):
-    protocol = ("gs", "gcs")
-    root_marker = ""
-    store: dict = {}
-    pseudo_dirs = [""]
-
-    def _open(self, path, mode="rb", **kwargs):
-        if "a" in mode:
-            raise OSError("object stores cannot append")
-        return super()._open(path, mode, **kwargs)
-
-
-@pytest.fixture
-def fake_gcs():
-    previous = {name: fsspec.registry.get(name) for name in ("gs", "gcs")}
-    for name in ("gs", "gcs"):
-        fsspec.register_implementation(name, FakeGCS, clobber=True)
-    yield
-    FakeGCS.store.clear()
-    for name, implementation in previous.items():
-        if implementation is not None:
-            fsspec.register_implementation(name, implementation, clobber=True)
 
 
 def test_object_store_paths_stay_absolute_urls(tmp_path):
