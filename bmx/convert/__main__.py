@@ -1,5 +1,6 @@
 """python -m bmx.convert {hf-to-bmx,bmx-to-hf} SRC DST [--dtype ...] [--max-shard-size 5GB]
-python -m bmx.convert merge-lora BASE ADAPTER DST [--dtype ...] [--max-shard-size 5GB]"""
+python -m bmx.convert merge-lora BASE ADAPTER DST [--dtype ...] [--max-shard-size 5GB]
+python -m bmx.convert bmx-to-gguf CKPT OUT.gguf [--type f16|bf16|f32|q8_0|q5_1|q5_0|q4_1|q4_0]"""
 
 import argparse
 import sys
@@ -29,9 +30,24 @@ def main(argv=None) -> int:
     merge.add_argument("dst")
     merge.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as the base stores it)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    # bmx-to-gguf: the work is in bmx.convert.gguf_export.
+    to_gguf = commands.add_parser(
+        "bmx-to-gguf", help="float bmx checkpoint or HF directory → GGUF file (llama.cpp, Ollama, LM Studio)",
+        description="Writes what llama.cpp's convert_hf_to_gguf.py writes for Mistral (architecture llama). Types: "
+                    "those gguf-py quantizes itself (k-quants such as q4_k_m it can only read: quantize an f16 file "
+                    "with llama.cpp's llama-quantize for those). Quantized checkpoints (AWQ, NF4, int8) are refused: "
+                    "export the float checkpoint they were made from. Needs the gguf package.")
+    to_gguf.add_argument("src", help="float bmx checkpoint or Hugging Face Mistral directory")
+    to_gguf.add_argument("dst", help="the .gguf file to write (must not exist)")
+    to_gguf.add_argument("--type", default="f16", help="type of the 2-D weights, one of f16, bf16, f32, q8_0, "
+                                                        "q5_1, q5_0, q4_1, q4_0 (norms stay f32); default f16")
     args = parser.parse_args(argv)
     try:
-        if args.command == "merge-lora":
+        if args.command == "bmx-to-gguf":
+            from bmx.convert.gguf_export import bmx_to_gguf
+
+            out = bmx_to_gguf(args.src, args.dst, args.type)
+        elif args.command == "merge-lora":
             from bmx.lora.merge_to_hf import merge_lora_to_hf
 
             out = merge_lora_to_hf(args.base, args.adapter, args.dst, dtype=args.dtype,
