@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from bmx.convert.contiguous import contiguous_copy
 from bmx.convert.mistral_table import TensorMapping, hf_tensor_order, mistral_table
 from bmx.convert.safetensors_io import (
     CheckpointFormatError,
@@ -141,14 +142,14 @@ def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, pro
                 if failed:
                     raise RuntimeError(f"conversion stopped before {name}: {failed[0]}")
                 try:
-                    block = row.to_bmx(reader.read(name)).astype(leaf_dtype)
+                    block = contiguous_copy(row.to_bmx(reader.read(name))).astype(leaf_dtype, copy=False)
                 except BaseException as error:
                     failed.append(f"{name}: {error!r}")
                     raise
                 bar.update()
                 yield ((layer,) if row.per_layer else (Ellipsis,)), block
 
-        return LazyArray(shapes[row.bmx_path], leaf_dtype, blocks)
+        return LazyArray(shapes[row.bmx_path], leaf_dtype, blocks, per_layer=row.per_layer)
 
     params: dict = {}
     for row in table:
@@ -217,7 +218,7 @@ class BmxCheckpointReader:
             self._stores[row.bmx_path] = open_param(self.directory, row.bmx_path)
         store = self._stores[row.bmx_path]
         block = (store[layer] if layer is not None else store).read().result()
-        return np.ascontiguousarray(row.to_hf(np.asarray(block)))
+        return contiguous_copy(row.to_hf(np.asarray(block)))
 
     def __iter__(self):
         return iter(self._rows)

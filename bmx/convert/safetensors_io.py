@@ -349,15 +349,31 @@ class ShardedSafetensorsWriter:
         array = np.asarray(array)
         if tuple(array.shape) != spec.shape or array.dtype != spec.dtype:
             raise ValueError(f"tensor {name!r}: planned {spec.shape} {spec.dtype}, got {tuple(array.shape)} {array.dtype}")
-        if shard_index != self._open_shard:
-            self._start_shard(shard_index)
-        self._handle.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        little_endian = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        self._wait_for_disk()
+        self._in_flight = self._disk.submit(self._append, shard_index, little_endian)
         self._position += 1
 
+    def _append(self, shard_index: int, array: np.ndarray) -> None:
+        """On the writer thread, in order: open the shard if it is the next one, append the bytes."""
+        if shard_index != self._open_shard:
+            self._start_shard(shard_index)
+        self._handle.write(array.reshape(-1).view(np.uint8).data)  # the array's own bytes, no copy
+
+    def _wait_for_disk(self) -> None:
+        """Let the previous tensor's write finish; its error (a full disk) is raised here."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
     def finish(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        try:
+            self._wait_for_disk()
+        finally:
+            self._disk.shutdown(wait=True)
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
         if self._position != len(self._order):
             missing = [spec.name for _, spec in self._order[self._position :]]
             raise ValueError(f"{len(missing)} planned tensors were never written, first {missing[0]!r}")
