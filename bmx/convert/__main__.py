@@ -1,5 +1,6 @@
 """python -m bmx.convert {hf-to-bmx,bmx-to-hf} SRC DST [--dtype ...] [--max-shard-size 5GB]
 python -m bmx.convert merge-lora BASE ADAPTER DST [--dtype ...] [--max-shard-size 5GB]
+python -m bmx.convert calibrate CKPT DST (--temperature T | --from-eval RESULTS.json)
 python -m bmx.convert bmx-to-gguf CKPT OUT.gguf [--type f16|bf16|f32|q8_0|q5_1|q5_0|q4_1|q4_0]"""
 
 import argparse
@@ -7,11 +8,13 @@ import sys
 
 from bmx.convert.hf import bmx_to_hf, hf_to_bmx
 from bmx.convert.safetensors_io import CheckpointFormatError
+from bmx.compile_cache import enable_compile_cache
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def main(argv=None) -> int:
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     parser = argparse.ArgumentParser(prog="python -m bmx.convert", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     to_bmx = commands.add_parser("hf-to-bmx", help="Hugging Face safetensors directory → bmx checkpoint")
@@ -30,6 +33,15 @@ def main(argv=None) -> int:
     merge.add_argument("dst")
     merge.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as the base stores it)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    # calibrate: the work is in bmx.convert.calibrate.
+    calibrate = commands.add_parser("calibrate", help="divide the LM head by a temperature → Hugging Face directory")
+    calibrate.add_argument("src", help="bmx checkpoint or Hugging Face directory")
+    calibrate.add_argument("dst")
+    fitted = calibrate.add_mutually_exclusive_group(required=True)
+    fitted.add_argument("--temperature", type=float, help="the softmax temperature T (logits become z / T)")
+    fitted.add_argument("--from-eval", metavar="RESULTS.json", help="T from a python -m bmx.eval --calibrate "
+                                                                     "temperature run")
+    calibrate.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     # bmx-to-gguf: the work is in bmx.convert.gguf_export.
     to_gguf = commands.add_parser(
         "bmx-to-gguf", help="float bmx checkpoint or HF directory → GGUF file (llama.cpp, Ollama, LM Studio)",
@@ -47,6 +59,12 @@ def main(argv=None) -> int:
             from bmx.convert.gguf_export import bmx_to_gguf
 
             out = bmx_to_gguf(args.src, args.dst, args.type)
+        elif args.command == "calibrate":
+            from bmx.convert.calibrate import calibrate_checkpoint, temperature_from_eval
+
+            temperature = args.temperature if args.from_eval is None else temperature_from_eval(args.from_eval)
+            out = calibrate_checkpoint(args.src, args.dst, temperature, source=args.from_eval,
+                                       max_shard_size=args.max_shard_size)
         elif args.command == "merge-lora":
             from bmx.lora.merge_to_hf import merge_lora_to_hf
 

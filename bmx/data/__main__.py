@@ -13,6 +13,7 @@ from bmx.data.prepare_sft import QUESTION_SPLITS, SFTSettings, prepare_sft
 from bmx.data.sources import InputError
 from bmx.tokenizer import MISTRAL_V01
 
+from bmx.compile_cache import enable_compile_cache
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bmx.data", description=__doc__)
@@ -63,6 +64,7 @@ def _prepare_sft(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     if args.command == "prepare-sft":
         try:
             manifest = _prepare_sft(args)

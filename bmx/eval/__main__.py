@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bmx.compile_cache import enable_compile_cache
+
 from bmx.eval.engine import DEFAULT_TOKENS_PER_BATCH
 from bmx.eval.evaluate import PROTOCOLS, EvalSettings, evaluate_tasks, results_document
 from bmx.eval.prompts import CHOICE_STYLES
-from bmx.eval.tasks import LANGUAGES, default_data_dir, load_tasks, resolve_tasks
+from bmx.eval.recalibration import METHODS as CALIBRATION_METHODS
+from bmx.eval.tasks import LANGUAGES, SUITES, default_data_dir, load_tasks, resolve_tasks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -17,9 +20,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     models.add_argument("--ckpt", help="bmx checkpoint or Hugging Face model directory")
     models.add_argument("--ensemble", nargs=2, metavar=("CKPT_A", "CKPT_B"),
                         help="the paper's ensemble: letter probabilities of two models summed")
-    parser.add_argument("--tasks", default="all", help="all, multilingual, mmlu, or task names separated by commas")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="biomistral")
-    parser.add_argument("--shots", type=int, default=3)
+    parser.add_argument("--tasks", default=None, help="all (default), multilingual, mmlu, or task names separated by "
+                                                      "commas")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=None,
+                        help="a leaderboard's tasks and protocol (open-medical-llm: 9 tasks, zero-shot loglik acc)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default biomistral")
+    parser.add_argument("--shots", type=int, default=None, help="default 3")
     parser.add_argument("--seeds", type=int, default=3, help="shot sets to average over")
     parser.add_argument("--lang", choices=LANGUAGES, default="en")
     parser.add_argument("--limit", type=int, default=None, help="first N questions of each task")
@@ -33,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens-per-batch", type=int, default=DEFAULT_TOKENS_PER_BATCH,
                         help="padded tokens per forward pass, over all devices")
     parser.add_argument("--no-plots", action="store_true", help="skip the reliability diagrams")
+    parser.add_argument("--calibrate", choices=CALIBRATION_METHODS, default=None,
+                        help="fit temperature (or vector) scaling on questions disjoint from those scored")
+    parser.add_argument("--calibration-folds", type=int, default=5,
+                        help="cross-fitting folds for tasks without a calibration split (MMLU has val)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                        help="JAX's persistent compilation cache (default: $BMX_COMPILE_CACHE or ~/.cache/bmx/jax)")
     parser.add_argument("--out", required=True, help="output folder")
     return parser.parse_args(argv)
 
@@ -40,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        enable_compile_cache(args.compile_cache)
         return run(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: one line naming what is wrong
         print(f"bmx.eval: error: {error}", file=sys.stderr)
@@ -50,11 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from bmx.eval.models import load_eval_model
     from bmx.eval.report import markdown_table, write_outputs
 
-    settings = EvalSettings(protocol=args.protocol, shots=args.shots, seeds=args.seeds, limit=args.limit,
-                            choice_style=args.choices, tokens_per_batch=args.tokens_per_batch)
-    if args.ensemble and args.protocol != "biomistral":
+    task_spec, protocol, shots = resolve_suite(args)
+    settings = EvalSettings(protocol=protocol, shots=shots, seeds=args.seeds, limit=args.limit,
+                            choice_style=args.choices, tokens_per_batch=args.tokens_per_batch,
+                            calibrate=args.calibrate, calibration_folds=args.calibration_folds, suite=args.suite)
+    if args.ensemble and protocol != "biomistral":
         raise ValueError("--ensemble sums letter probabilities: it needs --protocol biomistral")
-    tasks = load_tasks(resolve_tasks(args.tasks, args.lang), args.data_dir or default_data_dir(), args.source)
+    tasks = load_tasks(resolve_tasks(task_spec, args.lang), args.data_dir or default_data_dir(), args.source)
     checkpoints = args.ensemble or [args.ckpt]
     models = [load_eval_model(ckpt, tokenizer=args.tokenizer, dtype=args.dtype) for ckpt in checkpoints]
     outcomes = evaluate_tasks(models, tasks, settings)
@@ -63,6 +78,20 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(document, " + ".join(document["models"])))
     print(f"written to {out_dir}")
     return 0
+
+
+def resolve_suite(args: argparse.Namespace) -> tuple[str, str, int]:
+    """`(tasks, protocol, shots)`: the suite's, or the flags' (with their defaults)."""
+    if args.suite is None:
+        return args.tasks or "all", args.protocol or "biomistral", 3 if args.shots is None else args.shots
+    suite = SUITES[args.suite]
+    for flag, given, fixed in (("--tasks", args.tasks, None), ("--protocol", args.protocol, suite.protocol),
+                               ("--shots", args.shots, suite.shots), ("--choices", args.choices, "letters"),
+                               ("--lang", args.lang, "en")):
+        if given is not None and given != fixed:
+            raise ValueError(f"--suite {args.suite} fixes {flag} ({fixed if fixed is not None else 'its 9 tasks'}); "
+                             f"drop {flag} {given}")
+    return ",".join(suite.tasks), suite.protocol, suite.shots
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bmx.eval.evaluate import TaskOutcome
-from bmx.eval.tasks import TASKS
+from bmx.eval.tasks import SUITES, TASKS
 
 
 def _cell(summary: dict | None, metric: str) -> str:
@@ -35,11 +35,42 @@ def markdown_table(document: dict, model_label: str, metric: str = "acc") -> str
     return "\n".join(lines) + "\n"
 
 
+def leaderboard_table(document: dict, model_label: str) -> str:
+    """A suite's layout: `| Model | Average | MedMCQA | MedQA | MMLU Anatomy | ... | PubMedQA |`, in percent."""
+    suite = SUITES[document["suite"]]
+    by_task = {s["task"]: s for s in document["tasks"].values()}
+    header = ["Model", "Average", *suite.columns]
+    cells = [f"{100 * document['average']:.2f}",
+             *(f"{100 * by_task[name]['acc']:.2f}" if name in by_task else "–" for name in suite.tasks)]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      "| " + " | ".join([model_label, *cells]) + " |"]) + "\n"
+
+
 def calibration_table(document: dict) -> str:
+    if "calibration" in document:
+        return recalibration_table(document)
     lines = ["| Task | n | ECE (paper, 5 bins) | ECE (10 bins, renormalised) |", "|---|---|---|---|"]
     for key, summary in document["tasks"].items():
         paper, renormalised = 100 * summary["ece_paper"], 100 * summary["ece_10bin"]
         lines.append(f"| {key} | {summary['n']} | {paper:.2f} | {renormalised:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def recalibration_table(document: dict) -> str:
+    """Before → after --calibrate, per task and the mean over tasks, with what was fitted and on what."""
+    lines = ["| Task | n | acc | ECE paper (5 bins) | ECE 10 bins | T | fitted on |", "|---|---|---|---|---|---|---|"]
+
+    def row(label, n, before, after, temperature, source):
+        cells = [f"{100 * before[m]:.2f} → {100 * after[m]:.2f}" for m in ("acc", "ece_paper", "ece_10bin")]
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {temperature} | {source} |")
+
+    for key, summary in document["tasks"].items():
+        after = summary["calibration"]
+        row(key, summary["n"], summary, after, f"{after['temperature']:.3f}", after["source"])
+    overall = document["calibration"]
+    model_t = overall.get("model_temperature")
+    row("mean over tasks", sum(s["n"] for s in document["tasks"].values()), overall["before"], overall["after"],
+        f"{model_t:.3f} (pooled)" if model_t else "–", "")
     return "\n".join(lines) + "\n"
 
 
@@ -54,8 +85,12 @@ def write_outputs(out_dir: str | Path, document: dict, outcomes: Sequence[TaskOu
                 for record in run.records:
                     predictions.write(json.dumps(record, ensure_ascii=False) + "\n")
     label = " + ".join(document["models"])
-    markdown = [f"# {document['protocol']} protocol, {document['shots']}-shot\n", "## Accuracy (%)\n",
-                markdown_table(document, label)]
+    if document.get("suite"):
+        markdown = [f"# {document['suite']} ({document['protocol']} protocol, {document['shots']}-shot)\n",
+                    "## Accuracy, acc (%)\n", leaderboard_table(document, label)]
+    else:
+        markdown = [f"# {document['protocol']} protocol, {document['shots']}-shot\n", "## Accuracy (%)\n",
+                    markdown_table(document, label)]
     if document["protocol"] == "loglik":
         markdown += ["\n## Normalised accuracy, acc_norm (%)\n", markdown_table(document, label, "acc_norm")]
     markdown += ["\n## Calibration (%)\n", calibration_table(document)]

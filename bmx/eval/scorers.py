@@ -49,10 +49,10 @@ class LogitsFnScorer:
         self.row_multiple = row_multiple
 
     def module(self):
-        """The scored model itself (sharing the replicated parameters), e.g. for generation."""
-        from flax import nnx
-
-        return nnx.merge(self._graphdef, self._state)
+        """There is no bmx model behind a logits function: generation (which needs one, with its KV
+        cache) cannot run on this scorer."""
+        raise ValueError(f"LogitsFnScorer over {getattr(self.logits_fn, '__name__', self.logits_fn)!r} has no bmx "
+                         "model to generate with: generate_until needs a JaxModelScorer (load_eval_model)")
 
     def next_token(self, input_ids, attention_mask, last_index, token_ids) -> NextTokenScores:
         logits = np.asarray(self.logits_fn(input_ids, attention_mask))

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmx.eval import bioinstructqa, raw_formats
@@ -50,6 +50,27 @@ TASKS: dict[str, TaskSpec] = {
     "medmcqa": TaskSpec("medmcqa", "MedMCQA", "MedMCQA", 4183, "medmcqa"),
 }
 LANGUAGES = ("en", *bioinstructqa.LANGUAGES)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A fixed protocol over fixed tasks, reported in its own table layout."""
+
+    tasks: tuple[str, ...]  # in the suite's column order
+    columns: tuple[str, ...]  # its table's headers
+    protocol: str
+    shots: int
+
+
+# The Open Medical-LLM Leaderboard (openlifescienceai): lm-eval's medmcqa (validation), medqa_4options,
+# the six MMLU subjects and pubmedqa, zero-shot, log-likelihood `acc`; its Average is the unweighted
+# mean of the nine columns.
+SUITES = {"open-medical-llm": Suite(
+    tasks=("medmcqa", "medqa", "mmlu_anatomy", "mmlu_clinical_knowledge", "mmlu_college_biology",
+           "mmlu_college_medicine", "mmlu_medical_genetics", "mmlu_professional_medicine", "pubmedqa"),
+    columns=("MedMCQA", "MedQA", "MMLU Anatomy", "MMLU Clinical Knowledge", "MMLU College Biology",
+             "MMLU College Medicine", "MMLU Medical Genetics", "MMLU Professional Medicine", "PubMedQA"),
+    protocol="loglik", shots=0)}
 GROUPS = {"all": list(TASKS), "mmlu": [name for name in TASKS if name.startswith("mmlu_")]}
 # The multilingual group is every task in each of BioInstructQA's seven translations.
 MULTILINGUAL = "multilingual"
@@ -84,6 +105,10 @@ class TaskData:
     questions: list[Question]
     shot_pool: list[Question]  # empty when every question carries its own `shot_sets`
     shot_source: str  # said in results.json, so a number can be traced to its shots
+    # Questions disjoint from `questions` that `--calibrate` may fit on (MMLU's val split); empty
+    # where the data has none, and then calibration cross-fits over `questions` in folds.
+    calibration_questions: list[Question] = field(default_factory=list)
+    calibration_source: str = ""
 
 
 def default_data_dir() -> Path:
@@ -176,8 +201,13 @@ def _raw_paths(spec: TaskSpec, data_dir: Path) -> dict[str, Path]:
 def _load_raw(spec: TaskSpec, data_dir: Path) -> TaskData:
     paths = _raw_paths(spec, data_dir)
     if spec.family == "mmlu":
-        return TaskData(spec, "en", raw_formats.read_mmlu_csv(paths["test"]),
+        task = TaskData(spec, "en", raw_formats.read_mmlu_csv(paths["test"]),
                         raw_formats.read_mmlu_csv(paths["shots"]), shot_source=f"{paths['shots'].name} (dev split)")
+        val = data_dir / "mmlu_medical" / "val" / f"{spec.mmlu_subject}_val.csv"
+        if val.is_file():
+            task.calibration_questions = raw_formats.read_mmlu_csv(val)
+            task.calibration_source = f"{val.name} (val split)"
+        return task
     if spec.family == "pubmedqa":
         return _load_raw_pubmedqa(spec, data_dir)
     read = raw_formats.read_medqa_jsonl if spec.family == "medqa" else raw_formats.read_medmcqa

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bmx.generate.sampling import Sampling
+from bmx.compile_cache import enable_compile_cache
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -74,6 +75,7 @@ def _find_tokenizer(ckpt: Path) -> str:
 
 
 def main(argv=None) -> int:
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     parser = argparse.ArgumentParser(prog="python -m bmx.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="bmx checkpoint directory")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bmx.quant.schemes import METHODS
 
+from bmx.compile_cache import enable_compile_cache
 EXPORT_DIR_NAME = "hf_quantized"  # default place of --export-hf inside --out
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # bad input or a full disk: one line, no traceback
         print(f"bmx.quant: error: {error}", file=sys.stderr)
         return 2
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
 
 
 def run(args: argparse.Namespace) -> int:

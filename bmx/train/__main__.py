@@ -10,9 +10,11 @@ import sys
 
 from bmx.config_io import ConfigError, load_config
 from bmx.train.config import RunConfig
+from bmx.compile_cache import enable_compile_cache
 
 
 def main(argv=None) -> int:
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     parser = argparse.ArgumentParser(prog="python -m bmx.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")

@@ -2,7 +2,10 @@
 
 Importing this module registers the model. lm-eval 0.4 finds third-party models only once they are
 imported, so run it through `python -m bmx.eval.harness run --model bmx ...` (lm-eval's own CLI with
-bmx registered) or `import bmx.eval.harness` before `lm_eval.simple_evaluate(model="bmx", ...)`.
+bmx registered) or `import bmx.eval.harness` before `lm_eval.simple_evaluate(model="bmx", ...)`, or
+pass an instance: `lm_eval.simple_evaluate(model=BmxLM(ckpt=DIR), tasks=[...])`. bmx also declares
+`BmxLM` under the `lm_eval.models` entry-point group (pyproject.toml), where lm-eval's releases after
+0.4.x look for plugins.
 
 Tokenization and scoring follow lm-eval's HF backend: BOS first (as the tokenizer adds it), the
 same context/continuation split (inherited from `TemplateLM`), the same left truncation.
@@ -40,7 +43,10 @@ class BmxLM(TemplateLM):
         if eval_model is None:
             if not ckpt:
                 raise ValueError("--model_args for bmx: ckpt=DIR is required (a bmx checkpoint or HF directory)")
+            from bmx.compile_cache import enable_compile_cache
             from bmx.eval.models import load_eval_model
+
+            enable_compile_cache()  # built by lm-eval's CLI (model_args): a command, so cached like bmx's own
 
             eval_model = load_eval_model(ckpt, tokenizer=tokenizer, dtype=dtype,
                                          max_length=int(max_length) if max_length else None)
