@@ -1,13 +1,15 @@
-"""Wall time and peak RSS of `python -m bmx.merge` vs `mergekit-yaml` (0.1.5) on the same SLERP merge.
+"""Wall time and peak RSS of `python -m bmx.merge` vs mergekit 0.1.5 on the same merge, for any method.
 
-Two random Mistral-shaped bfloat16 models are written straight to safetensors (no transformers, no
-torch), then both tools merge them with BioMistral's SLERP config, each in its own subprocess
-whose peak resident set size is read from `os.wait4`. The two outputs are compared tensor by
-tensor (SLERP in float32 rounded to bfloat16: at most one bf16 step apart). Everything is written
-under a temporary directory that is removed at the end unless --keep.
+Random Mistral-shaped bfloat16 models are written straight to safetensors (no transformers, no
+torch): `base`, and fine-tunes of it (`base` + small noise) as the method needs. Both tools then run
+the same YAML (or extract-lora), each in its own subprocess whose peak resident set size is read
+from `os.wait4`. Deterministic methods' outputs are compared tensor by tensor (bf16 outputs: at
+most about one bf16 step apart). Everything is written under a temporary directory that is removed
+at the end unless --keep.
 
-    python bench/merge.py               # ~1B parameters (2 GB per model), several minutes on 2 cores
-    python bench/merge.py --size 100m   # quicker
+    python bench/merge.py                          # BioMistral's SLERP, ~1B parameters (2 GB per model)
+    python bench/merge.py --method della           # any mergekit method, or extract-lora (--rank 64)
+    python bench/merge.py --size 100m --method model_stock   # quicker
 """
 
 from __future__ import annotations
@@ -83,15 +85,23 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, shapes[name]) for name in MISTRAL.all_names(config["num_hidden_layers"])]
 
 
-def write_random_model(directory: Path, config: dict, seed: int) -> int:
-    """A random bfloat16 checkpoint (norms near 1, matrices N(0, 0.02)); returns its parameter count."""
+def write_random_model(directory: Path, config: dict, seed: int, like: Path | None = None, noise: float = 0.002) -> int:
+    """A random bfloat16 checkpoint (norms near 1, matrices N(0, 0.02)); returns its parameter count.
+
+    With `like`, that model's weights plus N(0, noise) (a fine-tune of it: the task-vector methods
+    and extract-lora see small deltas, as they do on real fine-tunes).
+    """
     rng = np.random.default_rng(seed)
     specs = [TensorSpec(name, shape, np.dtype(ml_dtypes.bfloat16)) for name, shape in tensor_shapes(config)]
+    start = SafetensorsReader(like) if like is not None else None
     with atomic_output_dir(directory) as staging:
         writer = ShardedSafetensorsWriter(staging, specs, parse_size("2GB"))
         for spec in tqdm(specs, desc=f"generate {directory.name}", unit="tensor"):
             values = rng.standard_normal(spec.shape, dtype=np.float32)
-            values = 1 + 0.1 * values if len(spec.shape) == 1 else 0.02 * values
+            if start is not None:
+                values = np.asarray(start.read(spec.name), np.float32) + noise * values
+            else:
+                values = 1 + 0.1 * values if len(spec.shape) == 1 else 0.02 * values
             writer.write(spec.name, values.astype(ml_dtypes.bfloat16))
             del values
         writer.finish()
@@ -99,11 +109,49 @@ def write_random_model(directory: Path, config: dict, seed: int) -> int:
     return sum(int(np.prod(spec.shape)) for spec in specs)
 
 
+# Per method: the models it merges (fine-tunes of `base`, or `other`, an unrelated model) and its parameters.
+def method_config(method: str, workdir: Path, layers: int) -> dict:
+    path = lambda name: str(workdir / name)  # noqa: E731
+    if method == "slerp":
+        return {"slices": [{"sources": [{"model": path(m), "layer_range": [0, layers]} for m in ("base", "tuned_a")]}],
+                "merge_method": "slerp", "base_model": path("base"), "parameters": {"t": SLERP_T}, "dtype": "bfloat16"}
+    if method == "passthrough":  # a frankenmerge, deeper than its inputs: layers 0..L/2+2 of one, L/2-2..L of the other
+        half = layers // 2
+        return {"slices": [{"sources": [{"model": path("base"), "layer_range": [0, half + 2]}]},
+                           {"sources": [{"model": path("tuned_a"), "layer_range": [half - 2, layers]}]}],
+                "merge_method": "passthrough", "dtype": "bfloat16"}
+    weighted = {"weight": 0.5, "density": 0.5}
+    per_method = {
+        "linear": (["base", "tuned_a", "tuned_b"], {"weight": 1.0}, None),
+        "karcher": (["base", "tuned_a", "tuned_b"], {}, None),
+        "multislerp": (["tuned_a", "tuned_b"], {"weight": 0.5}, "base"),
+        "nuslerp": (["tuned_a", "tuned_b"], {"weight": 0.5}, "base"),
+        "model_stock": (["tuned_a", "tuned_b", "tuned_c"], {}, "base"),
+        "nearswap": (["tuned_a"], {}, "base"),
+        "arcee_fusion": (["tuned_a"], {}, "base"),
+    }
+    models, parameters, base = per_method.get(method, (["tuned_a", "tuned_b"], weighted if method not in ("sce", "ram", "ramplus_tl") else {}, "base"))
+    if method in ("task_arithmetic",):
+        parameters = {"weight": 0.5}
+    config = {"models": [{"model": path(m), **({"parameters": parameters} if parameters else {})} for m in models],
+              "merge_method": method, "dtype": "bfloat16"}
+    if base:
+        config["base_model"] = path(base)
+    if method == "nearswap":
+        config["parameters"] = {"t": 0.001}
+    return config
+
+
+RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")  # each tool draws its own masks
+MODELS_NEEDED = {"base", "tuned_a", "tuned_b"}
+
+
 @dataclass
 class Measurement:
     tool: str
     seconds: float
     peak_rss_bytes: int
+    cpu_seconds: float  # user + system: fairer than wall time on a machine shared with other jobs
 
 
 def measure(tool: str, command: list[str], env: dict) -> Measurement:
@@ -119,7 +167,7 @@ def measure(tool: str, command: list[str], env: dict) -> Measurement:
     if process.returncode != 0:
         sys.stderr.write("".join(stderr_lines[-30:]))
         raise RuntimeError(f"{tool} failed with exit code {process.returncode}: {' '.join(command)}")
-    return Measurement(tool, seconds, usage.ru_maxrss * 1024)
+    return Measurement(tool, seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 
 
 def compare_outputs(ours: Path, reference: Path) -> tuple[float, float]:
@@ -137,9 +185,27 @@ def compare_outputs(ours: Path, reference: Path) -> tuple[float, float]:
     return largest, off / total
 
 
+def commands(method: str, workdir: Path, layers: int, rank: int) -> tuple[list[str], list[str]]:
+    """(bmx command, mergekit command) for one method, its YAML written into `workdir`."""
+    out_bmx, out_mergekit = str(workdir / "out_bmx"), str(workdir / "out_mergekit")
+    if method == "extract-lora":
+        base, tuned = str(workdir / "base"), str(workdir / "tuned_a")
+        return ([sys.executable, "-m", "bmx.merge", "extract-lora", base, tuned, out_bmx, "--rank", str(rank), "--quiet"],
+                [shutil.which("mergekit-extract-lora") or "mergekit-extract-lora", "--model", tuned, "--base-model", base,
+                 "--out-path", out_mergekit, "--max-rank", str(rank), "--quiet"])
+    config_file = workdir / f"{method}.yaml"
+    config_file.write_text(yaml.safe_dump(method_config(method, workdir, layers), sort_keys=False))
+    return ([sys.executable, "-m", "bmx.merge", str(config_file), out_bmx, "--quiet"],
+            [shutil.which("mergekit-yaml") or "mergekit-yaml", str(config_file), out_mergekit, "--quiet"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from bmx.merge.method_specs import METHODS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--method", default="slerp", choices=sorted(METHODS) + ["extract-lora"], help="what to time (default: BioMistral's SLERP)")
+    parser.add_argument("--rank", type=int, default=64, help="extract-lora's rank")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write models and outputs (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     args = parser.parse_args(argv)
@@ -147,32 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bmx-merge-bench-", dir=args.workdir))
     try:
         config = mistral_hf_config(*SIZES[args.size])
-        parameters = write_random_model(workdir / "instruct", config, seed=0)
-        write_random_model(workdir / "biomistral", config, seed=1)
+        parameters = write_random_model(workdir / "base", config, seed=0)
+        needed = {"tuned_a"} if args.method in ("slerp", "passthrough", "extract-lora", "nearswap", "arcee_fusion") else {"tuned_a", "tuned_b"}
+        if args.method == "model_stock":
+            needed.add("tuned_c")
+        for seed, name in enumerate(sorted(needed), start=1):
+            write_random_model(workdir / name, config, seed=seed, like=workdir / "base")
         layers = config["num_hidden_layers"]
-        merge_config = {
-            "slices": [{"sources": [{"model": str(workdir / name), "layer_range": [0, layers]} for name in ("instruct", "biomistral")]}],
-            "merge_method": "slerp",
-            "base_model": str(workdir / "instruct"),
-            "parameters": {"t": SLERP_T},
-            "dtype": "bfloat16",
-        }
-        (workdir / "slerp.yaml").write_text(yaml.safe_dump(merge_config, sort_keys=False))
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "HF_HUB_OFFLINE": "1"}
-        config_file = str(workdir / "slerp.yaml")
-        results = [
-            measure("bmx (`python -m bmx.merge`)", [sys.executable, "-m", "bmx.merge", config_file, str(workdir / "out_bmx"), "--quiet"], env),
-            measure("mergekit-yaml 0.1.5", [shutil.which("mergekit-yaml") or "mergekit-yaml", config_file, str(workdir / "out_mergekit"), "--quiet"], env),
-        ]
-        largest, off = compare_outputs(workdir / "out_bmx", workdir / "out_mergekit")
+        ours, theirs = commands(args.method, workdir, layers, args.rank)
+        results = [measure("bmx (`python -m bmx.merge`)", ours, env), measure("mergekit 0.1.5", theirs, env)]
 
-        print(f"\nSLERP merge of two {parameters / 1e9:.2f}B-parameter Mistral-shaped bf16 models "
+        print(f"\n{args.method} of {parameters / 1e9:.2f}B-parameter Mistral-shaped bf16 models "
               f"({layers} layers, {2 * parameters / 1e9:.1f} GB each), {os.cpu_count()} CPU cores:\n")
-        print("| tool | wall time (s) | peak RSS (GB) |")
-        print("|---|---:|---:|")
+        print("| tool | wall time (s) | CPU time (s) | peak RSS (GB) |")
+        print("|---|---:|---:|---:|")
         for result in results:
-            print(f"| {result.tool} | {result.seconds:.1f} | {result.peak_rss_bytes / 1e9:.2f} |")
-        print(f"\noutputs agree: largest |difference| {largest:.3g}, {off:.2e} of entries more than one bf16 step apart")
+            print(f"| {result.tool} | {result.seconds:.1f} | {result.cpu_seconds:.1f} | {result.peak_rss_bytes / 1e9:.2f} |")
+        ours, theirs = results
+        print(f"| ratio bmx / mergekit | {ours.seconds / theirs.seconds:.2f}x | {ours.cpu_seconds / theirs.cpu_seconds:.2f}x | "
+              f"{ours.peak_rss_bytes / theirs.peak_rss_bytes:.2f}x |")
+        print(f"\nload average during the run: {os.getloadavg()[0]:.1f} (1 min)")
+        if args.method == "extract-lora" or args.method in RANDOM_METHODS:
+            print("\noutputs not compared (random masks, or SVD factors defined up to sign; the tests check parity)")
+        else:
+            largest, off = compare_outputs(workdir / "out_bmx", workdir / "out_mergekit")
+            print(f"\noutputs agree: largest |difference| {largest:.3g}, {off:.2e} of entries more than one bf16 step apart")
     finally:
         if args.keep:
             print(f"kept {workdir}")

@@ -82,10 +82,25 @@ def save_peft_adapter(model: Mistral, config: LoRAConfig, directory: str | os.Pa
 
 # PEFT settings that change what an adapter computes; bmx refuses any value other than these.
 _REQUIRED_VALUES = {"peft_type": ("LORA",), "bias": ("none",), "use_dora": (False, None),
-                    "fan_in_fan_out": (False, None), "modules_to_save": (None, []),
+                    "fan_in_fan_out": (False, None),
                     "layers_to_transform": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                     "layer_replication": (None,), "lora_bias": (False, None), "target_parameters": (None, []),
                     "trainable_token_indices": (None,), "use_qalora": (False, None)}
+
+
+# `modules_to_save` bmx can apply: whole replacement weights, as mergekit-extract-lora writes them.
+FULL_RANK_MODULES = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight",
+                     "input_layernorm": "model.layers.{layer}.input_layernorm.weight",
+                     "post_attention_layernorm": "model.layers.{layer}.post_attention_layernorm.weight"}
+
+
+def _full_rank_names(directory: Path, modules_to_save, num_layers: int) -> list[str]:
+    """HF names of the whole weights an adapter's `modules_to_save` replaces."""
+    unknown = [m for m in modules_to_save or [] if m not in FULL_RANK_MODULES]
+    if unknown:
+        raise ValueError(f"{directory / CONFIG_FILE}: modules_to_save {unknown} is not supported (expected some of {sorted(FULL_RANK_MODULES)})")
+    return [FULL_RANK_MODULES[m].format(layer=layer) for m in modules_to_save or [] for layer in range(num_layers)
+            if "{layer}" in FULL_RANK_MODULES[m] or layer == 0]
 
 
 @dataclass
@@ -93,6 +108,7 @@ class PeftAdapter:
     config: LoRAConfig
     tensors: dict[str, np.ndarray]  # PEFT tensor name -> float32 array (lora_A [r, in], lora_B [out, r])
     directory: Path
+    full_rank: dict[str, np.ndarray] | None = None  # HF name -> replacement weight (`modules_to_save`)
 
     def pair(self, projection: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
         name_a, name_b = tensor_names(projection, layer)
@@ -125,6 +141,7 @@ def read_peft_adapter(directory: str | os.PathLike, num_layers: int) -> PeftAdap
 
     directory = Path(directory)
     config = read_lora_config(directory)
+    full_rank_names = _full_rank_names(directory, json.loads((directory / CONFIG_FILE).read_text()).get("modules_to_save"), num_layers)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         pickled = [name for name in PICKLED_ADAPTER_FILES if (directory / name).exists()]
@@ -138,7 +155,11 @@ def read_peft_adapter(directory: str | os.PathLike, num_layers: int) -> PeftAdap
         missing = [name for name in expected if name not in stored]
         if missing:
             raise ValueError(f"{weights}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-        unexpected = sorted(set(stored) - set(expected))
+        missing = [PEFT_PREFIX + name for name in full_rank_names if PEFT_PREFIX + name not in stored and name != "lm_head.weight"]
+        if missing:
+            raise ValueError(f"{weights}: modules_to_save tensor {missing[0]!r} is missing")
+        full_rank = {name: np.asarray(handle.get_tensor(stored[PEFT_PREFIX + name])) for name in full_rank_names if PEFT_PREFIX + name in stored}
+        unexpected = sorted(set(stored) - set(expected) - {PEFT_PREFIX + name for name in full_rank})
         if unexpected:
             raise ValueError(f"{weights}: unexpected tensor {unexpected[0]!r} for a {num_layers}-layer Mistral "
                              f"with targets {list(config.targets)}")
@@ -148,7 +169,7 @@ def read_peft_adapter(directory: str | os.PathLike, num_layers: int) -> PeftAdap
         if value.ndim != 2 or value.shape[rank_axis] != config.rank:
             raise ValueError(f"{weights}: tensor {name!r} has shape {value.shape}, expected rank {config.rank} "
                              f"on axis {rank_axis}")
-    return PeftAdapter(config, tensors, directory)
+    return PeftAdapter(config, tensors, directory, full_rank)
 
 
 def load_peft_adapter(model: Mistral, directory: str | os.PathLike) -> Mistral:
@@ -167,4 +188,23 @@ def load_peft_adapter(model: Mistral, directory: str | os.PathLike) -> Mistral:
             b_layers.append(b.T.reshape(b_shape))
         module.lora_a.value = jnp.asarray(np.stack(a_layers), module.lora_a.dtype)
         module.lora_b.value = jnp.asarray(np.stack(b_layers), module.lora_b.dtype)
+    _replace_full_rank(model, adapter)
     return model
+
+
+def _replace_full_rank(model: Mistral, adapter: PeftAdapter) -> None:
+    """Put the adapter's whole `modules_to_save` weights in place of the model's (layers stacked on axis 0)."""
+    from bmx.convert.mistral_table import mistral_table
+
+    for row in mistral_table(model.config):
+        names = [n for n in row.hf_names(model.config.num_hidden_layers) if n in (adapter.full_rank or {})]
+        if not names:
+            continue
+        parameter = model
+        for key in row.bmx_path:
+            parameter = getattr(parameter, key)
+        values = [row.to_bmx(adapter.full_rank[name]) for name in names]
+        value = np.stack(values) if row.per_layer else values[0]
+        if value.shape != parameter.value.shape:
+            raise ValueError(f"{adapter.directory}: {names[0]} has shape {adapter.full_rank[names[0]].shape}, which does not fit the model")
+        parameter.value = jnp.asarray(value, parameter.value.dtype)

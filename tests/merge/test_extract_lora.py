@@ -55,10 +55,15 @@ def test_extract_lora_matches_mergekit(square_models, tmp_path, rank, extra, fac
     assert config == reference
 
 
-def test_full_rank_adapter_on_the_base_reproduces_the_fine_tune_in_peft(square_models, tmp_path):
+def test_full_rank_adapter_on_the_base_reproduces_the_fine_tune_in_peft_and_bmx(square_models, tmp_path):
+    """Loaded by PeftModel.from_pretrained and by bmx's loader (what `bmx.generate --adapter` runs)."""
     import torch
     from peft import PeftModel
     from transformers import MistralForCausalLM
+
+    from bmx.convert import hf_to_bmx
+    from bmx.lora import load_peft_adapter
+    from bmx.model import load
 
     base, tuned = square_models / "base", square_models / "tuned_b"
     assert main(["extract-lora", str(base), str(tuned), str(tmp_path / "adapter"), "--rank", "64"]) == 0
@@ -66,7 +71,12 @@ def test_full_rank_adapter_on_the_base_reproduces_the_fine_tune_in_peft(square_m
     reference = MistralForCausalLM.from_pretrained(tuned).eval()
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        np.testing.assert_allclose(adapted(tokens).logits.numpy(), reference(tokens).logits.numpy(), atol=1e-4)
+        expected = reference(tokens).logits.numpy()
+        np.testing.assert_allclose(adapted(tokens).logits.numpy(), expected, atol=1e-4)
+
+    model, _ = load(hf_to_bmx(base, tmp_path / "base_bmx", progress=False), compute_dtype=np.float32)
+    ours = load_peft_adapter(model, tmp_path / "adapter")(tokens.numpy())
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4)
 
 
 def test_mismatched_models_are_one_line_errors(square_models, tmp_path, capsys):
