@@ -4,10 +4,10 @@
 `python -m bmx.generate` is the command line.
 """
 
-from bmx.generate.kv_cache import KVCache
 from bmx.generate.loop import GREEDY, TokenGeneration, generate_token_ids
 from bmx.generate.sampling import Sampling, filter_logits
 from bmx.generate.text import Generation, generate, generate_from_ids
+from bmx.model.kv_cache import KVCache
 
 __all__ = ["generate", "generate_from_ids", "generate_token_ids", "Generation", "TokenGeneration", "Sampling",
            "GREEDY", "filter_logits", "KVCache"]

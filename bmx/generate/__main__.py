@@ -1,11 +1,13 @@
 """python -m bmx.generate --ckpt DIR (--prompt TEXT | --prompts FILE.jsonl) [--max-new-tokens N] [--greedy]
                          [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--adapter PEFT_DIR]
-                         [--output FILE.jsonl]
+                         [--truncate-prompt] [--output FILE.jsonl]
 
 Streams each generation to the console in prompt order (the first prompt of a batch live, the
 others as soon as the ones before them are done). `--prompts` reads JSON lines `{"prompt": ...}`;
 `--output` writes one `{"prompt", "token_ids", "text"}` line per prompt, `token_ids` being the
-generated ids only.
+generated ids only. A prompt whose tokens plus `--max-new-tokens` exceed the model's
+`max_position_embeddings` is an error (exit 2), or with `--truncate-prompt` loses its first tokens
+(with a warning). Bad input exits with code 2 and one line `error: ...`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from bmx.generate.sampling import Sampling
@@ -92,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's tokenizer/, else Mistral v0.1")
     parser.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply to the model")
+    parser.add_argument("--truncate-prompt", action="store_true",
+                        help="keep the last tokens of a prompt too long for max_position_embeddings with "
+                             "--max-new-tokens (default: refuse it)")
     parser.add_argument("--output", help="write one JSON line per prompt here")
     parser.add_argument("--quiet", action="store_true", help="do not stream to the console")
     args = parser.parse_args(argv)
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
         results = _run(args, prompts, sampling)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             for result in results:
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
 
 def _run(args, prompts: list[str], sampling: Sampling):
     from bmx.generate.text import generate
-    from bmx.model import load
+    from bmx.model import load, unstack_layers
     from bmx.tokenizer import load_tokenizer
 
     model, _ = load(args.ckpt)
@@ -121,11 +127,13 @@ def _run(args, prompts: list[str], sampling: Sampling):
         from bmx.lora import load_peft_adapter
 
         model = load_peft_adapter(model, args.adapter)
+    model = unstack_layers(model)  # the decoding layout, in place of the loaded one (no second copy kept)
     tokenizer = load_tokenizer(args.tokenizer or _find_tokenizer(Path(args.ckpt)))
     console = None if args.quiet else OrderedConsole(prompts)
-    results = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       stop=args.stop, seed=args.seed, batch_size=args.batch_size, on_text=console)
-    return results
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
+                    seed=args.seed, batch_size=args.batch_size, on_text=console,
+                    truncate_prompts=args.truncate_prompt)
 
 
 if __name__ == "__main__":

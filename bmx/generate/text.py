@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from bmx.generate.loop import GREEDY, generate_token_ids
 from bmx.generate.sampling import Sampling
-from bmx.model.mistral import Mistral
+from bmx.model.mistral import Mistral, unstack_layers
 from bmx.tokenizer import Tokenizer
 
 # Called with (prompt index, new text, finished): the generated text as it becomes final.
@@ -67,22 +67,27 @@ class TextStream:
 
 def generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256,
              sampling: Sampling = GREEDY, stop: Sequence[str] = (), seed: int = 0, batch_size: int = 8,
-             on_text: TextObserver | None = None) -> list[Generation]:
-    """Generate a continuation of each prompt. Greedy unless `sampling` says otherwise; `seed` fixes sampling."""
+             on_text: TextObserver | None = None, truncate_prompts: bool = False) -> list[Generation]:
+    """Generate a continuation of each prompt. Greedy unless `sampling` says otherwise; `seed` fixes sampling.
+    A prompt with no room for `max_new_tokens` in the model's positions is an error, or with
+    `truncate_prompts` loses its first tokens (`bmx.generate.loop.fit_positions`)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
     encoded = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(prompts)]
     generations = generate_from_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, sampling=sampling,
-                                    stop=stop, seed=seed, batch_size=batch_size, on_text=on_text)
+                                    stop=stop, seed=seed, batch_size=batch_size, on_text=on_text,
+                                    truncate_prompts=truncate_prompts)
     return [Generation(prompt, g.token_ids, g.text, g.finish_reason) for prompt, g in zip(prompts, generations)]
 
 
 def generate_from_ids(model: Mistral, tokenizer: Tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                       max_new_tokens: int = 256, sampling: Sampling = GREEDY, stop: Sequence[str] = (), seed: int = 0,
-                      batch_size: int = 8, on_text: TextObserver | None = None) -> list[Generation]:
-    """`generate` for prompts already tokenized (BOS included if wanted, truncated as the caller likes)."""
+                      batch_size: int = 8, on_text: TextObserver | None = None,
+                      truncate_prompts: bool = False) -> list[Generation]:
+    """`generate` for prompts already tokenized (BOS included if wanted)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = unstack_layers(model)  # once for all the batches
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
@@ -97,7 +102,7 @@ def generate_from_ids(model: Mistral, tokenizer: Tokenizer, prompt_ids: Sequence
 
         generated = generate_token_ids(model, [prompt_ids[i] for i in members], max_new_tokens=max_new_tokens,
                                        eos_ids=[tokenizer.eos_id], sampling=sampling, seed=seed + start,
-                                       on_token=observe)
+                                       on_token=observe, truncate_prompts=truncate_prompts)
         for row, (index, output) in enumerate(zip(members, generated)):
             text, _ = cut_at_stop(tokenizer.decode(output.token_ids), stop)
             if on_text is not None and output.finish_reason != "stop":

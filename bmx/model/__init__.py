@@ -1,9 +1,10 @@
-"""Mistral in Flax NNX: `Mistral`, its `MistralConfig`, presets, and `load` for bmx checkpoints."""
+"""Mistral in Flax NNX: `Mistral`, its `MistralConfig`, presets, its `KVCache`, and `load` for bmx checkpoints."""
 
 from bmx.model.config import PRESETS, MistralConfig, preset
-from bmx.model.mistral import REMAT_POLICIES, Mistral
+from bmx.model.kv_cache import KVCache
+from bmx.model.mistral import REMAT_POLICIES, Mistral, unstack_layers
 
-__all__ = ["MistralConfig", "Mistral", "PRESETS", "REMAT_POLICIES", "preset", "load"]
+__all__ = ["MistralConfig", "Mistral", "KVCache", "PRESETS", "REMAT_POLICIES", "preset", "load", "unstack_layers"]
 
 
 def load(ckpt_dir, dtype=None, **kwargs):

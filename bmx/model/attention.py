@@ -9,6 +9,9 @@ i.e. itself and the previous `sliding_window - 1` tokens. When the sequence is a
 window, attention is computed block-locally (each block of `window` queries against its own and the
 previous block's keys), so cost and memory grow as seq × window rather than seq². Shorter sequences
 go in blocks of queries against only the keys causality lets them see.
+
+This module is the math only (the XLA kernel); `bmx.model.kernels` holds the kernel switch and the
+fused kernels, `bmx.model.mistral.Attention` the layer.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmx.model.causal_attention import block_spans, blocked_causal_attention
-from bmx.model.layers import Linear
-from bmx.model.sharding import constrain
 
 QUERY_BLOCK = 64  # queries per block of causal attention: fastest on CPU (32: 10% slower, 128: 10%, 256: 30%)
 MAX_QUERY_BLOCKS = 16
@@ -159,44 +160,7 @@ def grouped_query_attention(q, k, v, masking: AttentionMasking, scale: float) ->
     return causal_blocked_attention(q, k, v, masking, scale, block)
 
 
-# ---- kernel switch (`model.attention`: xla | cudnn | splash; the kernels live in bmx.model.kernels) ----
-
-def attend(q, k, v, masking: AttentionMasking, scale: float, implementation: str = "xla") -> jax.Array:
-    if implementation == "xla":
-        return grouped_query_attention(q, k, v, masking, scale)
-    from bmx.model.kernels import ATTENTION_KERNELS  # kernels import this module
-
-    if implementation not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"choose one of {['xla', *ATTENTION_KERNELS]}")
-    return ATTENTION_KERNELS[implementation](q, k, v, masking, scale)
-
-
-# ---- the attention layer ------------------------------------------------------------------------
-
-class Attention(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
-                                             config.num_key_value_heads, config.head_dim)
-        common = dict(std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear((hidden,), (heads, head_dim), ("embed", "heads", "head_dim"), **common)
-        self.k_proj = Linear((hidden,), (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), **common)
-        self.v_proj = Linear((hidden,), (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), **common)
-        self.o_proj = Linear((heads, head_dim), (hidden,), ("heads", "head_dim", "embed"), **common)
-        self.kv_heads = kv_heads
-        self.queries_per_kv = heads // kv_heads
-        self.scale = head_dim ** -0.5
-        self.implementation = "xla"  # model.attention; set by bmx.model.kernels.use_attention
-
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, masking: AttentionMasking) -> jax.Array:
-        batch, seq = x.shape[:2]
-        q = apply_rotary(self.q_proj(x), cos, sin)  # [batch, seq, heads, head_dim]
-        k = apply_rotary(self.k_proj(x), cos, sin)  # [batch, seq, kv_heads, head_dim]
-        v = self.v_proj(x)
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
-        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-        # Query head h belongs to KV head h // queries_per_kv, as in transformers' repeat_kv.
-        q = q.reshape(batch, seq, self.kv_heads, self.queries_per_kv, q.shape[-1])
-        out = attend(q, k, v, masking, self.scale, self.implementation)
-        return self.o_proj(out.reshape(batch, seq, -1, out.shape[-1]))
+def attention_over_cache(q, keys, values, visible, scale: float) -> jax.Array:
+    """One new query per row, q `[b, 1, k, g, d]`, against a KV cache's slots `[b, slots, k, d]`;
+    `visible [b, slots]` says which slots it sees (already causal, windowed and unpadded)."""
+    return _softmax_attention(q, keys, values, visible[:, None, :], scale)

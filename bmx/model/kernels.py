@@ -1,4 +1,5 @@
-"""Fused attention kernels behind one switch, `model.attention`: `xla`, `cudnn` or `splash`.
+"""The attention kernels behind one switch, `Mistral(config, attention=...)` (`model.attention` in a
+run config): `xla`, `cudnn` or `splash`.
 
 Each computes exactly what `grouped_query_attention` computes (causal, Mistral's sliding window,
 padding and packed documents), on the same shapes: queries `[batch, seq, kv_heads, queries_per_kv,
@@ -10,7 +11,9 @@ head_dim]`, keys/values `[batch, seq, kv_heads, head_dim]`.
 - `splash`: Pallas splash attention on TPU, with a `LocalMask` for the window (blocks outside it are
   skipped, so cost grows as seq × window), GQA natively (K/V heads are never repeated), and packed
   documents and padding as segment ids. Under a mesh it runs per device through `shard_map`,
-  batch and heads split as the logical-axis rules say.
+  batch and heads split as the logical-axis rules say. A sequence that is not a multiple of the
+  tile (or of 128 when shorter than one) is padded at the end; causality keeps real queries from
+  seeing the padding.
 
 Rows of padded queries are the one difference from the XLA path: there they see only other padding
 rather than nothing, a value no loss or logit reads.
@@ -25,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from bmx.model import sharding
-from bmx.model.attention import AttentionMasking
+from bmx.model.attention import AttentionMasking, grouped_query_attention
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 SPLASH_BLOCK = 512  # splash's query/key tile; shorter sequences use one tile of their own length
+SPLASH_LANES = 128  # splash tiles are multiples of the TPU's 128 lanes
 _PADDING_SEGMENT = jnp.iinfo(jnp.int32).min  # a segment id no real document has
 
 
@@ -74,9 +77,6 @@ def _splash_kernel(heads: int, seq: int, window: int | None, block: int, interpr
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    if seq % block:
-        raise ValueError(f"splash attention needs seq_len to be a multiple of {block}, got {seq}; "
-                         "use model.attention=xla or a sequence length divisible by it")
     if window is None or window >= seq:
         head_mask = masks.CausalMask((seq, seq))
     else:  # key j is seen by query i iff i - (window - 1) <= j <= i
@@ -119,6 +119,18 @@ def splash_attention(q, k, v, masking: AttentionMasking, scale: float, *, interp
     """`interpret`: run the Pallas kernel in its interpreter; by default exactly when the target is a CPU
     (tests), never when compiling for a TPU, even from a CPU host."""
     batch, seq = q.shape[:2]
+    # Tiles are SPLASH_BLOCK long, or one tile for a shorter sequence; the kernel's lanes want multiples of 128.
+    tile = SPLASH_BLOCK if seq > SPLASH_BLOCK else -(-seq // SPLASH_LANES) * SPLASH_LANES
+    padded = -(-seq // tile) * tile
+    if padded != seq:
+        q, k, v = (jnp.pad(x, [(0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v))
+        masking = AttentionMasking(*(None if m is None else jnp.pad(m, [(0, 0), (0, padded - seq)])
+                                     for m in (masking.key_is_valid, masking.segment_ids)), masking.sliding_window)
+    return _splash_padded(q, k, v, masking, scale, interpret)[:, :seq]
+
+
+def _splash_padded(q, k, v, masking: AttentionMasking, scale: float, interpret: bool | None):
+    batch, seq = q.shape[:2]
     segments = _splash_segments(masking, batch, seq)
     active = sharding.active_logical_sharding()
     if interpret is None:
@@ -141,19 +153,13 @@ def splash_attention(q, k, v, masking: AttentionMasking, scale: float, *, interp
     return run(q, k, v, segments)
 
 
-ATTENTION_KERNELS: dict[str, Callable] = {"cudnn": cudnn_attention, "splash": splash_attention}
+# Every kernel computes what `grouped_query_attention` computes, on the same shapes.
+ATTENTION_KERNELS: dict[str, Callable] = {"xla": grouped_query_attention, "cudnn": cudnn_attention,
+                                          "splash": splash_attention}
 
 
-def use_attention(model, implementation: str):
-    """Make every attention layer of `model` (any nnx module tree) run `implementation`; returns `model`."""
-    from flax import nnx
-
-    from bmx.model.attention import Attention
-
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"model.attention: unknown implementation {implementation!r}; "
-                         f"choose one of {list(ATTENTION_IMPLEMENTATIONS)}")
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, Attention):
-            module.implementation = implementation
-    return model
+def attention_kernel(name: str) -> Callable:
+    """The kernel called `name`; an unknown name is an error listing the valid ones."""
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"model.attention: unknown implementation {name!r}; choose one of {list(ATTENTION_KERNELS)}")
+    return ATTENTION_KERNELS[name]

@@ -11,6 +11,11 @@
     │   │   └── mlp.{gate,up,down}_proj.kernel          [layers, embed, mlp] / [layers, mlp, embed]
     │   └── norm.weight                                 [embed]
     └── lm_head.kernel                                  [embed, vocab]   (absent when tied)
+
+One forward pass serves training, prefill and decoding: `Mistral(config)(input_ids)` gives logits;
+`Mistral(config)(input_ids, mask, cache=KVCache.empty(...))` also fills the cache from the prompt,
+and each later call with the returned cache adds one token per row (`bmx.generate` drives it).
+`unstack_layers(model)` gives the same model with its layers as separate modules (used to decode).
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bmx.model.attention import Attention, AttentionMasking, rotary_cos_sin
+from bmx.model import kv_cache as kv
+from bmx.model.attention import AttentionMasking, apply_rotary, attention_over_cache, rotary_cos_sin
 from bmx.model.config import MistralConfig
+from bmx.model.kernels import attention_kernel, default_attention
+from bmx.model.kv_cache import KVCache
 from bmx.model.layers import Embedding, Linear, RMSNorm, SwiGLU
 from bmx.model.sharding import constrain
 
@@ -36,26 +44,80 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
+LayerCache = tuple[jax.Array, jax.Array]  # one layer's (keys, values), each [batch, slots, kv_heads, head_dim]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions, running the kernel named by `attention`."""
+
+    def __init__(self, config, *, attention: str, dtype, param_dtype, rngs: nnx.Rngs):
+        hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
+                                             config.num_key_value_heads, config.head_dim)
+        common = dict(std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear((hidden,), (heads, head_dim), ("embed", "heads", "head_dim"), **common)
+        self.k_proj = Linear((hidden,), (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), **common)
+        self.v_proj = Linear((hidden,), (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), **common)
+        self.o_proj = Linear((heads, head_dim), (hidden,), ("heads", "head_dim", "embed"), **common)
+        attention_kernel(attention)  # an unknown name fails here, not at the first call
+        self.attention = attention
+        self.kv_heads = kv_heads
+        self.queries_per_kv = heads // kv_heads
+        self.scale = head_dim ** -0.5
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, masking: AttentionMasking,
+                 kv_cache: LayerCache | None = None, write_index: jax.Array | None = None):
+        """Without `kv_cache`: the output `[batch, seq, embed]`. With it: `(output, updated kv_cache)`.
+
+        `write_index` None: `x` is the whole prompt; it attends to itself with the configured kernel
+        and its last `slots` keys and values fill the cache. A scalar: `x` is one new token per row,
+        written at that sequence index; `masking.key_is_valid [batch, slots]` says which slots it sees.
+        """
+        batch, seq = x.shape[:2]
+        q = apply_rotary(self.q_proj(x), cos, sin)  # [batch, seq, heads, head_dim]
+        k = apply_rotary(self.k_proj(x), cos, sin)  # [batch, seq, kv_heads, head_dim]
+        v = self.v_proj(x)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+        # Query head h belongs to KV head h // queries_per_kv, as in transformers' repeat_kv.
+        q = q.reshape(batch, seq, self.kv_heads, self.queries_per_kv, q.shape[-1])
+        if kv_cache is not None and write_index is not None:
+            keys, values = kv.store_step(kv_cache[0], k, write_index), kv.store_step(kv_cache[1], v, write_index)
+            out = attention_over_cache(q, keys, values, masking.key_is_valid, self.scale)
+            kv_cache = (keys, values)
+        else:
+            out = attention_kernel(self.attention)(q, k, v, masking, self.scale)
+            if kv_cache is not None:
+                kv_cache = (kv.store_prompt(kv_cache[0], k), kv.store_prompt(kv_cache[1], v))
+        out = self.o_proj(out.reshape(batch, seq, -1, out.shape[-1]))
+        return out if kv_cache is None else (out, kv_cache)
+
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: MistralConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: MistralConfig, *, attention: str, dtype, param_dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 param_dtype=param_dtype, rngs=rngs)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, std=config.initializer_range,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, hidden, cos, sin, masking: AttentionMasking):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, masking)
+    def __call__(self, hidden, cos, sin, masking: AttentionMasking, kv_cache: LayerCache | None = None,
+                 write_index: jax.Array | None = None):
+        """As `Attention`: the new hidden states, and the layer's updated cache when given one."""
+        attended = self.self_attn(self.input_layernorm(hidden), cos, sin, masking, kv_cache, write_index)
+        if kv_cache is not None:
+            attended, kv_cache = attended
+        hidden = hidden + attended
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return constrain(hidden, HIDDEN_AXES)
+        hidden = constrain(hidden, HIDDEN_AXES)
+        return hidden if kv_cache is None else (hidden, kv_cache)
 
 
 class MistralModel(nnx.Module):
-    """Embedding, the scanned stack of decoder layers and the final norm."""
+    """Embedding, the decoder layers (stacked and scanned, or a list: see `unstack_layers`) and the final norm."""
 
-    def __init__(self, config: MistralConfig, *, dtype, param_dtype, remat: str, rngs: nnx.Rngs):
+    def __init__(self, config: MistralConfig, *, attention: str, dtype, param_dtype, remat: str, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         self.config = config
@@ -66,7 +128,7 @@ class MistralModel(nnx.Module):
         @nnx.split_rngs(splits=config.num_hidden_layers)
         @nnx.vmap(in_axes=0, out_axes=0)
         def stacked_layers(layer_rngs):
-            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
+            return DecoderLayer(config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
 
         self.layers = stacked_layers(rngs)
         for _, variable in nnx.iter_graph(self.layers):
@@ -74,33 +136,59 @@ class MistralModel(nnx.Module):
                 variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids, positions, masking: AttentionMasking) -> jax.Array:
+    def __call__(self, input_ids, positions, masking: AttentionMasking, cache: list[LayerCache] | None = None,
+                 write_index: jax.Array | None = None):
+        """Final-norm hidden states, and the per-layer caches when given them (see `Attention`)."""
         config = self.config
         hidden = constrain(self.embed_tokens(input_ids), HIDDEN_AXES)
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
-        layer_graph, layer_params = nnx.split(self.layers)
 
-        def apply_layer(hidden, params):
-            return nnx.merge(layer_graph, params)(hidden, cos, sin, masking), None
+        def apply_layer(layer_graph, params, hidden, layer_cache):
+            output = nnx.merge(layer_graph, params)(hidden, cos, sin, masking, layer_cache, write_index)
+            return output if layer_cache is not None else (output, None)
 
         if self.remat != "none":
-            apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        hidden, _ = jax.lax.scan(apply_layer, hidden, layer_params)
-        return self.norm(hidden)
+            apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False,
+                                         static_argnums=(0,))
+        if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): one layer after another
+            caches = []
+            for i, layer in enumerate(self.layers):
+                hidden, layer_cache = apply_layer(*nnx.split(layer), hidden, None if cache is None else cache[i])
+                caches.append(layer_cache)
+        else:
+            hidden, caches = self._scan_layers(apply_layer, hidden, cache)
+        hidden = self.norm(hidden)
+        return hidden if cache is None else (hidden, caches)
+
+    def _scan_layers(self, apply_layer, hidden, cache):
+        """The stacked layers in a `jax.lax.scan`, each layer's cache (if any) stacked alongside its parameters."""
+        layer_graph, layer_params = nnx.split(self.layers)
+        stacked = None if cache is None else jax.tree.map(lambda *layers: jnp.stack(layers), *cache)
+
+        def scan_step(hidden, inputs):
+            params, layer_cache = inputs
+            return apply_layer(layer_graph, params, hidden, layer_cache)
+
+        hidden, stacked = jax.lax.scan(scan_step, hidden, (layer_params, stacked))
+        caches = None if cache is None else [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(cache))]
+        return hidden, caches
 
 
 class Mistral(nnx.Module):
     """`Mistral(config)(input_ids, attention_mask=None) -> logits [batch, seq, vocab]` in float32.
 
     `dtype` is the computation dtype (bfloat16 on accelerators), `param_dtype` the storage dtype.
-    Softmax, norms' statistics and logits are always float32.
+    Softmax, norms' statistics and logits are always float32. `attention` names the kernel
+    (`bmx.model.kernels`: `xla`, `cudnn`, `splash`); None picks the default backend's best.
     """
 
     def __init__(self, config: MistralConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 rngs: nnx.Rngs | None = None):
+                 attention: str | None = None, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
-        self.model = MistralModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.attention = attention or default_attention(jax.default_backend(), dtype)
+        self.model = MistralModel(config, attention=self.attention, dtype=dtype, param_dtype=param_dtype,
+                                  remat=remat, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = Linear((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"),
                                   std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -120,9 +208,47 @@ class Mistral(nnx.Module):
         return self.lm_head(hidden, out_dtype=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-        hidden = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
-        return self.logits(hidden)
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 cache: KVCache | None = None):
+        """Logits `[batch, seq, vocab]`; with a `cache`, `(logits of each row's last token [batch, 1, vocab],
+        updated cache)`.
+
+        A fresh cache (`KVCache.empty`) is filled from `input_ids`, the left-padded prompts, attended
+        with the configured kernel. A filled cache takes `input_ids [batch, 1]`: one new token per
+        row, at each row's next position.
+        """
+        if cache is None:
+            hidden = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+            return self.logits(hidden)
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) cannot be decoded with a KV cache")
+        if cache.filled:
+            return self._extend(input_ids, cache)
+        return self._prefill(input_ids, attention_mask, positions, cache)
+
+    def _prefill(self, input_ids, attention_mask, positions, cache: KVCache):
+        key_is_valid = (jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool))
+        if positions is None:
+            positions = default_positions(input_ids, key_is_valid)
+        masking = AttentionMasking(None if attention_mask is None else key_is_valid, None, self.config.sliding_window)
+        hidden, layers = self.model(input_ids, positions, masking, list(zip(cache.keys, cache.values)))
+        return self.logits(hidden[:, -1:]), KVCache(
+            tuple(keys for keys, _ in layers), tuple(values for _, values in layers),
+            kv.prompt_key_index(key_is_valid, cache.slots), jnp.int32(input_ids.shape[1]),
+            (positions[:, -1] + 1).astype(jnp.int32), filled=True)
+
+    def _extend(self, input_ids, cache: KVCache):
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"a filled KVCache takes one new token per row, got input_ids of shape "
+                             f"{tuple(input_ids.shape)}")
+        index = cache.next_index
+        key_index = kv.step_key_index(cache.key_index, index)
+        masking = AttentionMasking(kv.visible_keys(key_index, index, self.config.sliding_window), None, None)
+        hidden, layers = self.model(input_ids, cache.next_position[:, None], masking,
+                                    list(zip(cache.keys, cache.values)), write_index=index)
+        return self.logits(hidden), KVCache(
+            tuple(keys for keys, _ in layers), tuple(values for _, values in layers), key_index, index + 1,
+            cache.next_position + 1, filled=True)
 
 
 def default_positions(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -130,3 +256,28 @@ def default_positions(input_ids: jax.Array, attention_mask: jax.Array | None) ->
     if attention_mask is None:
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def unstack_layers(model: Mistral) -> Mistral:
+    """The same model (sharing every array but the layers') with its decoder layers as a list of modules.
+
+    Why: XLA:CPU copies each layer's weights out of the stacked arrays before multiplying by them
+    (the dynamic slice of a scan is not fused into the matmul). Against a training step's large
+    matmuls that copy is small; in a decode step, which only streams the weights once, it doubles
+    the memory traffic. The list costs one copy of the layer weights, made here once.
+    """
+    if isinstance(model.model.layers, nnx.List):
+        return model
+    graphdef, state = nnx.split(model)
+    unstacked = nnx.merge(graphdef, state)  # new modules, same arrays: `model` itself is left alone
+    layer_graph, layer_state = nnx.split(unstacked.model.layers)
+    layers = []
+    for i in range(model.config.num_hidden_layers):
+        layer = nnx.merge(layer_graph, jax.tree.map(lambda x: x[i], layer_state))
+        for _, variable in nnx.iter_graph(layer):
+            axes = variable.get_metadata().get("logical_axes") if isinstance(variable, nnx.Variable) else None
+            if axes and axes[0] == "layers":
+                variable.set_metadata(logical_axes=tuple(axes[1:]))
+        layers.append(layer)
+    unstacked.model.layers = nnx.List(layers)
+    return unstacked

@@ -212,7 +212,4 @@ def _measured_cost(config: RunConfig, setup: TrainSetup, lowered, compiled, devi
 def _attention_of(setup: TrainSetup) -> str:
     from flax import nnx
 
-    from bmx.model.attention import Attention
-
-    model = nnx.eval_shape(lambda: setup.build_model(0))
-    return next(module.implementation for _, module in nnx.iter_graph(model) if isinstance(module, Attention))
+    return nnx.eval_shape(lambda: setup.build_model(0)).attention

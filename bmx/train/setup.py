@@ -18,7 +18,7 @@ from flax import nnx
 from bmx.lora.adapters import apply_lora, merge_lora
 from bmx.model.checkpoint import read_config
 from bmx.model.config import MistralConfig, preset
-from bmx.model.kernels import default_attention, use_attention
+from bmx.model.kernels import default_attention
 from bmx.model.mistral import Mistral
 from bmx.train.config import RunConfig
 from bmx.train.mesh import batch_sharding, make_mesh, param_shardings, replicated, rules_for
@@ -104,8 +104,8 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
     attention = config.model.attention or default_attention(mesh.devices.flat[0].platform, dtype)
 
     def build_model(seed: int) -> Mistral:
-        return use_attention(Mistral(model_config, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat,
-                                     rngs=nnx.Rngs(seed)), attention)
+        return Mistral(model_config, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat,
+                       attention=attention, rngs=nnx.Rngs(seed))
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build_model(config.init.seed)))
     sft = _sft_parts(config, build_model, graphdef, mesh, rules) if config.task == "sft" else None

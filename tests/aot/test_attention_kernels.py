@@ -115,24 +115,53 @@ def test_splash_runs_per_device_under_a_mesh():
 
 
 def test_the_model_runs_the_configured_kernel():
-    """Mistral with `use_attention(model, "splash")` gives the XLA model's logits on a real window."""
+    """`Mistral(config, attention="splash")` gives the XLA model's logits on a real window."""
     from flax import nnx
 
     from bmx.model import Mistral, preset
-    from bmx.model.kernels import use_attention
 
     config = preset("tiny", num_hidden_layers=2, sliding_window=64, vocab_size=512)
     tokens = jax.random.randint(jax.random.key(3), (2, 256), 0, config.vocab_size)
-    reference = Mistral(config, rngs=nnx.Rngs(0))(tokens)
-    kernel_model = use_attention(Mistral(config, rngs=nnx.Rngs(0)), "splash")
+    reference = Mistral(config, attention="xla", rngs=nnx.Rngs(0))(tokens)
+    kernel_model = Mistral(config, attention="splash", rngs=nnx.Rngs(0))
     np.testing.assert_allclose(np.asarray(kernel_model(tokens)), np.asarray(reference), atol=1e-4, rtol=1e-4)
+
+
+def with_kernel(model, attention: str):
+    """A model of `model`'s config and weights whose attention runs `attention`."""
+    from flax import nnx
+
+    from bmx.model import Mistral
+
+    other = nnx.eval_shape(lambda: Mistral(model.config, attention=attention))
+    nnx.update(other, nnx.state(model))
+    return other
+
+
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_generation_with_each_kernel_equals_transformers_and_prefills_with_it(tmp_path, monkeypatch, attention):
+    """Greedy ids through the model equal transformers' past the window, and the prompt goes
+    through the configured kernel (the decode steps attend to the cache)."""
+    from generate.generation_testing import hf_and_bmx, hf_greedy, random_prompts
+
+    from bmx.generate import generate_token_ids
+
+    reference, model = hf_and_bmx(tmp_path, sliding_window=8)
+    calls = []
+    original = kernels.ATTENTION_KERNELS[attention]
+    monkeypatch.setitem(kernels.ATTENTION_KERNELS, attention,
+                        lambda q, *args: calls.append(q.shape) or original(q, *args))
+    prompts = random_prompts((5, 21), model.config.vocab_size)
+    generated = generate_token_ids(with_kernel(model, attention), prompts, max_new_tokens=12)
+    assert [g.token_ids for g in generated] == hf_greedy(reference, prompts, 12)
+    # Traced once per layer, for the 32-token padded prompt only.
+    assert [shape[:2] for shape in calls] == [(2, 32)] * model.config.num_hidden_layers
 
 
 def test_unknown_attention_implementation_is_named():
     from flax import nnx
 
     from bmx.model import Mistral, preset
-    from bmx.model.kernels import use_attention
 
     with pytest.raises(ValueError, match="'flash'.*xla.*cudnn.*splash"):
-        use_attention(nnx.eval_shape(lambda: Mistral(preset("tiny", num_hidden_layers=1))), "flash")
+        nnx.eval_shape(lambda: Mistral(preset("tiny", num_hidden_layers=1), attention="flash"))

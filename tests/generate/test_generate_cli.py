@@ -71,11 +71,11 @@ def test_adapter_option_generates_like_peft(tmp_path):
 def test_bad_prompts_file_names_the_line(tmp_path, capsys, line, message):
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"prompt": "fine"}) + "\n" + line + "\n")
-    assert main(["--ckpt", str(tmp_path), "--prompts", str(prompts_file)]) == 1
+    assert main(["--ckpt", str(tmp_path), "--prompts", str(prompts_file)]) == 2
     error = capsys.readouterr().err
     assert "prompts.jsonl:2: " in error and message in error
 
 
 def test_missing_checkpoint_is_an_error_naming_it(tmp_path, capsys):
-    assert main(["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 1
+    assert main(["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     assert "nowhere" in capsys.readouterr().err

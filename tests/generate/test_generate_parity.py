@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmx.generate import generate_token_ids
-from bmx.generate import forward, kv_cache
 from bmx.generate.loop import left_pad
+from bmx.model import KVCache, unstack_layers
+from bmx.model.kv_cache import cache_slots
 
 # Window 8 with prompts of 5, 13 and 30 tokens (dense and block-local prefill) and 40 new tokens:
 # every row runs far past the window, so the rolling buffer wraps several times.
@@ -33,24 +34,25 @@ def test_greedy_ids_equal_transformers_generate_past_the_window(tmp_path, case):
     assert all(len(ids) == NEW_TOKENS or ids[-1] == 2 for ids in expected)
 
 
-def test_each_decode_step_gives_transformers_logits_for_the_whole_sequence(tmp_path):
-    """Teacher-forced: prefill the prompt, feed 40 more tokens one by one; logits within 1e-4 of HF's."""
+@pytest.mark.parametrize("layers", ["stacked", "unstacked"])
+def test_each_decode_step_gives_transformers_logits_for_the_whole_sequence(tmp_path, layers):
+    """Teacher-forced through `model(..., cache=...)`: prefill the prompt, feed 40 more tokens one by one;
+    logits within 1e-4 of HF's, with the layers scanned (as trained) or as a list (as decoded)."""
     reference, model = hf_and_bmx(tmp_path, sliding_window=8)
+    model = unstack_layers(model) if layers == "unstacked" else model
     prompts = random_prompts((6, 19), model.config.vocab_size, seed=1)
     continuations = random_prompts((NEW_TOKENS, NEW_TOKENS), model.config.vocab_size, seed=2)
     input_ids, attention_mask = left_pad(prompts, pad_id=0, bucket=16)
-    padded = input_ids.shape[1]
-    slots = kv_cache.cache_slots(8, padded + NEW_TOKENS)
-    prefill, decode_step = nnx.jit(forward.prefill, static_argnums=3), nnx.jit(forward.decode_step)
-    logits, cache = prefill(model, jnp.asarray(input_ids), jnp.asarray(attention_mask), slots)
-    assert slots == 8 and cache.keys.shape[2] == 8  # bounded by the window, not by 32 + 40 positions
-    steps = [np.asarray(logits)]
-    lengths = jnp.asarray([len(p) for p in prompts])
-    for step in range(NEW_TOKENS - 1):
-        tokens = jnp.asarray([c[step] for c in continuations])
-        logits, cache = decode_step(model, tokens, lengths + step, jnp.int32(padded + step), cache)
-        steps.append(np.asarray(logits))
-    assert cache.keys.shape[2] == 8
+    slots = cache_slots(8, input_ids.shape[1] + NEW_TOKENS)
+    step = nnx.jit(lambda model, ids, mask, cache: model(ids, mask, cache=cache))
+    logits, cache = step(model, jnp.asarray(input_ids), jnp.asarray(attention_mask), KVCache.empty(model.config, 2, slots))
+    assert slots == 8 and cache.slots == 8  # bounded by the window, not by 32 + 40 positions
+    steps = [np.asarray(logits)[:, -1]]
+    for position in range(NEW_TOKENS - 1):
+        tokens = jnp.asarray([[c[position]] for c in continuations])
+        logits, cache = step(model, tokens, None, cache)
+        steps.append(np.asarray(logits)[:, -1])
+    assert cache.keys[0].shape[1] == 8
     ours = np.stack(steps, axis=1)  # [batch, NEW_TOKENS, vocab]
     for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         expected = hf_logits(reference, np.asarray([prompt + continuation[:-1]]))[0, len(prompt) - 1:]
