@@ -102,3 +102,22 @@ def _assert_bf16_close(ours: Path, reference: Path, may_differ=None) -> None:
         if may_differ is not None:
             off &= ~may_differ(name)
         assert not off.any(), f"{name}: {off.sum()} entries differ beyond bf16 rounding"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses_with_known_parameters(name):
+    from bmx.merge import load_merge_config
+    from bmx.merge.method_specs import check_parameter_names, method_spec
+
+    config = load_merge_config(CONFIGS / f"{name}.yaml")
+    spec = method_spec(config.merge_method)
+    check_parameter_names(spec, "parameters", config.parameters)
+    for source in config.models or [s for sl in config.slices for s in sl.sources]:
+        check_parameter_names(spec, source.model, source.parameters)
+
+
+def test_frankenmerge_config_stacks_40_layers_like_mergekit(biomistral_dir, tmp_path):
+    assert main([str(biomistral_dir / "frankenmerge.yaml"), str(tmp_path / "bmx"), "--quiet"]) == 0
+    reference = _mergekit_reference(biomistral_dir, "frankenmerge", tmp_path / "mergekit")
+    assert_same_tensors(tmp_path / "bmx", reference, atol=0.0)
+    assert json.loads((tmp_path / "bmx" / "config.json").read_text())["num_hidden_layers"] == 40
