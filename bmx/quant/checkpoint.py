@@ -57,16 +57,21 @@ def save_quantized(model: Mistral, directory: str | os.PathLike, *, source: str 
     directory = Path(directory)
     with atomic_output_dir(directory) as staging:
         write_checkpoint(staging, model.config, params)
-        metadata_file = staging / METADATA_FILE
-        metadata = json.loads(metadata_file.read_text())
-        metadata[QUANTIZATION_KEY] = {"scheme": scheme_to_dict(scheme), "linears": list(LINEAR_PATHS)}
-        metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
-        for name in CARRIED_DIRS:
-            if source is not None and (Path(source) / name).is_dir():
-                shutil.copytree(Path(source) / name, staging / name)
+        finish_quantized_dir(staging, scheme, source)
         if before_publish is not None:
             before_publish(staging)
     return directory
+
+
+def finish_quantized_dir(staging: Path, scheme: Scheme, source: str | os.PathLike | None) -> None:
+    """The `quantization` metadata entry, and `source`'s tokenizer and HF sidecar, beside written params."""
+    metadata_file = staging / METADATA_FILE
+    metadata = json.loads(metadata_file.read_text())
+    metadata[QUANTIZATION_KEY] = {"scheme": scheme_to_dict(scheme), "linears": list(LINEAR_PATHS)}
+    metadata_file.write_text(json.dumps(metadata, indent=2) + "\n")
+    for name in CARRIED_DIRS:
+        if source is not None and (Path(source) / name).is_dir():
+            shutil.copytree(Path(source) / name, staging / name)
 
 
 def quantized_skeleton(config: MistralConfig, scheme: Scheme, stored: dict, *, param_dtype, compute_dtype,

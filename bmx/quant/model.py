@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from bmx.convert.contiguous import contiguous_copy
 from bmx.model.mistral import Mistral
 from bmx.quant.int8 import pad_outliers
 from bmx.quant.layers import QuantizedLinear
@@ -62,7 +63,7 @@ def quantize_model(model: Mistral, scheme: Scheme, *,
                       disable=not progress):
         for path in LINEAR_PATHS:
             linear = linear_at(layers, path)
-            weight = kernel_to_hf(np.asarray(linear.kernel[...][layer]), linear.num_contracted)
+            weight = contiguous_copy(kernel_to_hf(np.asarray(linear.kernel[...][layer]), linear.num_contracted))
             kwargs = extra_args(layer, path) if extra_args else {}
             quantized[path].append(scheme.quantize(weight, **kwargs))
     install_quantized(model, scheme, quantized)

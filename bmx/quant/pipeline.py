@@ -15,6 +15,7 @@ from bmx.quant.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, calibratio
 from bmx.quant.int8 import OUTLIER_THRESHOLD, outlier_columns_from
 from bmx.quant.model import quantize_model
 from bmx.quant.schemes import make_scheme
+from bmx.quant.streaming import can_stream, stream_quantize
 
 
 def load_float_model(ckpt: str | os.PathLike, compute_dtype=None) -> Mistral:
@@ -141,6 +142,10 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, method:
         raise ValueError("awq needs calibration tokens (--calib DATA_DIR: a `python -m bmx.data prepare` output)")
     if method == "int8" and calib is not None and outlier_threshold is None:
         outlier_threshold = OUTLIER_THRESHOLD
+    if export_hf is None and (Path(ckpt) / METADATA_FILE).is_file() and can_stream(method, calib, outlier_threshold):
+        # Round-to-nearest needs only each weight: quantize layer by layer, never holding the float model.
+        return stream_quantize(ckpt, out, make_scheme(method, group_size=group_size, blocksize=blocksize,
+                                                      double_quant=double_quant))
     tokens = calibration_tokens(calib, calib_samples, calib_seq_len) if calib is not None else None
     # AWQ ranks its candidates by small differences in block output error: computed in float32, not bfloat16.
     model = load_float_model(ckpt, compute_dtype=jnp.float32 if method == "awq" else None)
