@@ -2,7 +2,8 @@
 
 Also `python -m bmx.quant --import-hf HF_DIR --out DIR` (AutoAWQ GEMM or transformers'
 bitsandbytes 4-bit directory → quantized bmx checkpoint) and
-`python -m bmx.quant --ckpt QUANTIZED_DIR --export-hf DIR` (re-export a quantized checkpoint).
+`python -m bmx.quant --ckpt QUANTIZED_DIR --export-hf DIR [--format compressed-tensors]` (re-export a
+quantized checkpoint).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="output bmx checkpoint")
     parser.add_argument("--export-hf", nargs="?", const="", default=None, metavar="DIR",
                         help=f"also write the Hugging Face layout (default DIR: OUT/{EXPORT_DIR_NAME})")
+    parser.add_argument("--format", dest="export_format", choices=("transformers", "compressed-tensors"),
+                        default="transformers",
+                        help="layout of --export-hf: transformers = AutoAWQ's GEMM (awq, rtn) or bitsandbytes' "
+                             "(nf4, fp4); compressed-tensors = llm-compressor's pack-quantized, for vLLM "
+                             "(awq, rtn → W4A16 asymmetric per group; int8 without outliers → W8A16 per channel)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -68,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.ckpt} is already quantized: give --export-hf DIR to write its HF layout")
         from bmx.model import load
 
-        export_hf(load(args.ckpt)[0], args.export_hf, source=args.ckpt, progress=progress)
+        export_hf(load(args.ckpt)[0], args.export_hf, source=args.ckpt, progress=progress,
+                  export_format=args.export_format)
         print(f"exported {args.ckpt} → {args.export_hf}")
         return 0
     if not args.method or not args.out:
@@ -81,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     quantize_checkpoint(args.ckpt, args.out, args.method, group_size=args.group_size, blocksize=args.blocksize,
                         double_quant=args.double_quant, calib=args.calib, calib_samples=args.calib_samples,
                         calib_seq_len=args.calib_seq_len, outlier_threshold=args.outlier_threshold,
-                        duo_scaling=args.duo_scaling, export_hf=export_dir, progress=progress)
+                        duo_scaling=args.duo_scaling, export_hf=export_dir, progress=progress,
+                        export_format=args.export_format)
     print(f"quantized {args.ckpt} with {args.method} → {args.out}" + (f" (HF layout: {export_dir})" if export_dir else ""))
     return 0
 

@@ -87,7 +87,7 @@ def pack_columns(codes: np.ndarray) -> np.ndarray:
 
 def unpack_columns(packed):
     """4-bit codes `[rows, cols]` (int32) from AutoAWQ-packed int32 `[rows, cols / 8]` (jax or NumPy)."""
-    shifts = jnp.arange(0, 32, BITS, dtype=jnp.int32)
+    shifts = np.arange(0, 32, BITS, dtype=np.int32)  # NumPy: NumPy input stays NumPy, traced input stays jax
     nibbles = (packed[..., None] >> shifts) & MAX_CODE  # [rows, cols/8, 8]: nibble i is column AWQ_ORDER[i]
     return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(packed.shape[0], -1)
 

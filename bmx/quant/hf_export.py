@@ -62,11 +62,21 @@ def _array_at(tree: dict, path: tuple[str, ...]):
 
 # ---- export ---------------------------------------------------------------------------------------
 
-def check_exportable(method: str) -> None:
-    """int8 has no HF layout here: bnb's 8-bit layout cannot hold bmx's 16-bit outlier columns."""
+EXPORT_FORMATS = ("transformers", "compressed-tensors")
+
+
+def check_exportable(method: str, export_format: str = "transformers", outlier_threshold: float | None = None) -> None:
+    """int8 has no transformers layout here: bnb's 8-bit layout cannot hold bmx's 16-bit outlier columns."""
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {export_format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if export_format == "compressed-tensors":
+        from bmx.quant.compressed_tensors_export import check_compressed_tensors_exportable
+
+        check_compressed_tensors_exportable(method, outlier_threshold)
+        return
     if method not in EXPORTABLE_METHODS:
         raise ValueError(f"{method} checkpoints are kept in bmx's format only; --export-hf supports "
-                         f"{', '.join(EXPORTABLE_METHODS)}")
+                         f"{', '.join(EXPORTABLE_METHODS)} (int8: --format compressed-tensors)")
 
 
 def _awq_tensors(arrays: dict, layer: int) -> dict[str, np.ndarray]:
@@ -99,13 +109,19 @@ def _quantization_config(scheme: Scheme, compute_dtype: str) -> dict:
 
 
 def export_hf(model: Mistral, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
-              max_shard_size: str | int = "5GB", progress: bool = True) -> Path:
-    """Write a quantized `model` as an HF directory loadable by AutoAWQ / transformers + bitsandbytes.
+              max_shard_size: str | int = "5GB", progress: bool = True, export_format: str = "transformers") -> Path:
+    """Write a quantized `model` as an HF directory loadable by AutoAWQ / transformers + bitsandbytes,
+    or with `export_format="compressed-tensors"` in llm-compressor's layout for vLLM.
 
     `source`: the bmx checkpoint it came from, for the tokenizer and generation config.
     """
     if not is_quantized(model):
         raise ValueError("export_hf expects a model quantized by bmx.quant")
+    if export_format == "compressed-tensors":
+        from bmx.quant.compressed_tensors_export import export_compressed_tensors
+
+        return export_compressed_tensors(model, out_dir, source=source, max_shard_size=max_shard_size,
+                                         progress=progress)
     import jax
     from flax import nnx
 

@@ -15,7 +15,6 @@ from bmx.quant.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, calibratio
 from bmx.quant.int8 import OUTLIER_THRESHOLD, outlier_columns_from
 from bmx.quant.model import quantize_model
 from bmx.quant.schemes import make_scheme
-from bmx.quant.streaming import can_stream, stream_quantize
 
 
 def load_float_model(ckpt: str | os.PathLike, compute_dtype=None) -> Mistral:
@@ -87,7 +86,8 @@ def refuse_existing_output(directory: str | os.PathLike) -> None:
 
 
 def write_outputs(model: Mistral, out: str | os.PathLike, *, source: str | os.PathLike | None = None,
-                  export_dir: str | os.PathLike | None = None, progress: bool = True) -> None:
+                  export_dir: str | os.PathLike | None = None, progress: bool = True,
+                  export_format: str = "transformers") -> None:
     """The quantized bmx checkpoint `out` and, with `export_dir`, its HF layout: both or neither.
 
     An export directory inside `out` is built inside `out`'s staging directory; one elsewhere is
@@ -107,9 +107,9 @@ def write_outputs(model: Mistral, out: str | os.PathLike, *, source: str | os.Pa
     if inside is not None:
         save_quantized(model, out, source=source,
                        before_publish=lambda staging: export_hf(model, staging / inside, source=source,
-                                                                progress=progress))
+                                                                progress=progress, export_format=export_format))
         return
-    export_hf(model, export_dir, source=source, progress=progress)
+    export_hf(model, export_dir, source=source, progress=progress, export_format=export_format)
     try:
         save_quantized(model, out, source=source)
     except BaseException:
@@ -121,7 +121,8 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, method:
                         blocksize: int = 64, double_quant: bool = False, calib: str | os.PathLike | None = None,
                         calib_samples: int = DEFAULT_SEQUENCES, calib_seq_len: int = DEFAULT_SEQ_LEN,
                         outlier_threshold: float | None = None, duo_scaling: bool = False,
-                        export_hf: str | os.PathLike | None = None, progress: bool = True) -> Path:
+                        export_hf: str | os.PathLike | None = None, progress: bool = True,
+                        export_format: str = "transformers") -> Path:
     """Quantize the checkpoint `ckpt` into the bmx checkpoint `out` (and an HF directory with `export_hf`).
 
     Everything that can be checked up front is, before the model is loaded; the outputs appear
@@ -133,24 +134,20 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, method:
 
     make_scheme(method, group_size=group_size, blocksize=blocksize, double_quant=double_quant)
     refuse_existing_output(out)
+    if method == "int8" and calib is not None and outlier_threshold is None:
+        outlier_threshold = OUTLIER_THRESHOLD
     if export_hf is not None:
-        check_exportable(method)
+        check_exportable(method, export_format, outlier_threshold if method == "int8" else None)
         if Path(export_hf).resolve() == Path(out).resolve():
             raise ValueError(f"--export-hf {export_hf} is --out itself; give another directory (default: OUT/hf_quantized)")
         refuse_existing_output(export_hf)
     if method == "awq" and calib is None:
         raise ValueError("awq needs calibration tokens (--calib DATA_DIR: a `python -m bmx.data prepare` output)")
-    if method == "int8" and calib is not None and outlier_threshold is None:
-        outlier_threshold = OUTLIER_THRESHOLD
-    if export_hf is None and (Path(ckpt) / METADATA_FILE).is_file() and can_stream(method, calib, outlier_threshold):
-        # Round-to-nearest needs only each weight: quantize layer by layer, never holding the float model.
-        return stream_quantize(ckpt, out, make_scheme(method, group_size=group_size, blocksize=blocksize,
-                                                      double_quant=double_quant))
     tokens = calibration_tokens(calib, calib_samples, calib_seq_len) if calib is not None else None
     # AWQ ranks its candidates by small differences in block output error: computed in float32, not bfloat16.
     model = load_float_model(ckpt, compute_dtype=jnp.float32 if method == "awq" else None)
     quantize(model, method, group_size=group_size, blocksize=blocksize, double_quant=double_quant,
              calib_tokens=tokens, outlier_threshold=outlier_threshold, duo_scaling=duo_scaling, progress=progress)
     source = ckpt if (Path(ckpt) / METADATA_FILE).is_file() else None
-    write_outputs(model, out, source=source, export_dir=export_hf, progress=progress)
+    write_outputs(model, out, source=source, export_dir=export_hf, progress=progress, export_format=export_format)
     return Path(out)
