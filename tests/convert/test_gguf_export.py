@@ -67,13 +67,31 @@ def test_hf_export_equals_llama_cpp_converter(exported, gguf_type):
         assert ours["metadata"][key] == entry, key
 
 
-def test_bmx_checkpoint_exports_the_same_file_as_its_hf_source(tiny_hf, exported, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bmx(tiny_hf, tmp_path_factory) -> Path:
     from bmx.convert import hf_to_bmx
+
+    # The same directory name: general.name comes from it.
+    return hf_to_bmx(tiny_hf, tmp_path_factory.mktemp("gguf_bmx") / TINY_NAME, progress=False)
+
+
+def test_bmx_checkpoint_exports_the_same_file_as_its_hf_source(tiny_bmx, exported, tmp_path):
     from bmx.convert.gguf_export import bmx_to_gguf
 
-    ckpt = hf_to_bmx(tiny_hf, tmp_path / TINY_NAME, progress=False)  # same name: general.name comes from it
-    ours = bmx_to_gguf(ckpt, tmp_path / "from_bmx.gguf", "q8_0", progress=False)
+    ours = bmx_to_gguf(tiny_bmx, tmp_path / "from_bmx.gguf", "q8_0", progress=False)
     assert ours.read_bytes() == exported("q8_0")[0].read_bytes()
+
+
+def test_quantized_bmx_checkpoint_is_refused(tiny_bmx, tmp_path, capsys):
+    from bmx.convert.__main__ import main
+    from bmx.model import load
+    from bmx.quant import quantize, save_quantized
+
+    quantized = save_quantized(quantize(load(tiny_bmx)[0], "rtn", group_size=64, progress=False), tmp_path / "rtn")
+    assert main(["bmx-to-gguf", str(quantized), str(tmp_path / "out.gguf")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "quantized (rtn) bmx checkpoint" in error
+    assert not (tmp_path / "out.gguf").exists()
 
 
 @pytest.mark.parametrize("gguf_type", [
