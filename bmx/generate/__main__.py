@@ -130,10 +130,12 @@ def _run(args, prompts: list[str], sampling: Sampling):
     model = unstack_layers(model)  # the decoding layout, in place of the loaded one (no second copy kept)
     tokenizer = load_tokenizer(args.tokenizer or _find_tokenizer(Path(args.ckpt)))
     console = None if args.quiet else OrderedConsole(prompts)
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
-    return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop,
-                    seed=args.seed, batch_size=args.batch_size, on_text=console,
-                    truncate_prompts=args.truncate_prompt)
+    with warnings.catch_warnings():  # a truncated prompt's warning as one console line, when it happens
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                        stop=args.stop, seed=args.seed, batch_size=args.batch_size, on_text=console,
+                        truncate_prompts=args.truncate_prompt)
 
 
 if __name__ == "__main__":

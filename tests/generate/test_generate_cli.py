@@ -1,6 +1,7 @@
 """`python -m bmx.generate`: JSON lines out equal to transformers' greedy generation; console streaming."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -79,3 +80,38 @@ def test_bad_prompts_file_names_the_line(tmp_path, capsys, line, message):
 def test_missing_checkpoint_is_an_error_naming_it(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.fixture
+def short_model(tmp_path):
+    """A model of 64 positions, as a transformers model and a bmx checkpoint."""
+    reference = save_tiny_hf_model(tmp_path / "hf", seed=9, vocab_size=32000, max_position_embeddings=64)
+    hf_to_bmx(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    return reference, tmp_path / "ckpt"
+
+
+LONG_PROMPT = " ".join(["the patient presented with fever and cough"] * 12)  # over 64 tokens
+
+
+def test_generation_past_max_position_embeddings_is_refused(short_model, tmp_path, capsys):
+    _, ckpt = short_model
+    output = tmp_path / "out.jsonl"
+    assert main(["--ckpt", str(ckpt), "--prompt", LONG_PROMPT, "--max-new-tokens", "4", "--output", str(output)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and re.search(r"prompt 0: \d\d+ prompt tokens \+ max_new_tokens 4", error)
+    assert "max_position_embeddings 64" in error and "--truncate-prompt" in error
+    assert not output.exists()
+
+
+def test_truncate_prompt_keeps_the_last_tokens_and_warns(short_model, tmp_path, capsys):
+    """`--truncate-prompt`: the ids transformers generates from the prompt's last 64 - 4 tokens."""
+    reference, ckpt = short_model
+    output = tmp_path / "out.jsonl"
+    assert main(["--ckpt", str(ckpt), "--prompt", LONG_PROMPT, "--max-new-tokens", "4", "--greedy", "--quiet",
+                 "--truncate-prompt", "--output", str(output)]) == 0
+    assert "warning: prompt 0: " in capsys.readouterr().err
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer_dir(tmp_path / "tok"), local_files_only=True)
+    kept = hf_tokenizer(LONG_PROMPT, return_tensors="pt").input_ids[:, -60:]
+    with torch.no_grad():
+        expected = reference.generate(kept, do_sample=False, max_new_tokens=4)[0, 60:].tolist()
+    assert json.loads(output.read_text())["token_ids"] == expected
