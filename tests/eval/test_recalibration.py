@@ -95,17 +95,17 @@ def test_calibrated_eval_reports_before_after_and_fits_only_on_held_out_question
     model = EvalModel("tiny", LogitsFnScorer(torch_logits_fn(tiny_torch_model), max_length=2048),
                       load_tokenizer(str(tiny_hf_dir)))
 
-    settings = EvalSettings(protocol="biomistral", shots=0, limit=10, calibrate="vector", calibration_folds=2,
-                            progress=False)
-    tasks = load_tasks([("mmlu_anatomy", "en"), ("medmcqa", "en")], eval_dir)
+    settings = EvalSettings(protocol="biomistral", shots=0, limit=6, calibrate="vector", calibration_folds=2,
+                            progress=False, tokens_per_batch=2048)
+    tasks = load_tasks([("mmlu_medical_genetics", "en"), ("medmcqa", "en")], eval_dir)
     outcomes = evaluate_tasks([model], tasks, settings)
     results = results_document(outcomes, settings, ["tiny"])
     write_outputs(tmp_path, results, outcomes)
-    anatomy, medmcqa = results["tasks"]["mmlu_anatomy"]["calibration"], results["tasks"]["medmcqa"]["calibration"]
-    assert anatomy["source"] == "anatomy_val.csv (val split)"
-    assert [s["fitted_on"] for s in anatomy["fits"][0]["scalings"]] == [14]  # the 14 val questions, none scored
+    genetics, medmcqa = results["tasks"]["mmlu_medical_genetics"]["calibration"], results["tasks"]["medmcqa"]["calibration"]
+    assert genetics["source"] == "medical_genetics_val.csv (val split)"
+    assert [s["fitted_on"] for s in genetics["fits"][0]["scalings"]] == [11]  # the 11 val questions, none scored
     assert medmcqa["source"].startswith("2-fold cross-fitting")
-    assert [s["fitted_on"] for s in medmcqa["fits"][0]["scalings"]] == [5, 5]
+    assert [s["fitted_on"] for s in medmcqa["fits"][0]["scalings"]] == [3, 3]
     assert set(medmcqa["fits"][0]["scalings"][0]["biases"]) == {"A", "B", "C", "D"}
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     for name, summary in results["tasks"].items():

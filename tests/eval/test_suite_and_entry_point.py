@@ -40,8 +40,8 @@ def test_suite_results_are_in_the_leaderboards_column_order_with_its_unweighted_
     model = EvalModel("tiny", LogitsFnScorer(torch_logits_fn(tiny_torch_model), max_length=2048),
                       load_tokenizer(str(tiny_hf_dir)))
     suite = SUITES[LEADERBOARD]
-    settings = EvalSettings(protocol="loglik", shots=0, limit=3, suite=LEADERBOARD, progress=False,
-                            tokens_per_batch=4096)
+    settings = EvalSettings(protocol="loglik", shots=0, limit=2, suite=LEADERBOARD, progress=False,
+                            tokens_per_batch=2048)
     outcomes = evaluate_tasks([model], load_tasks([(name, "en") for name in suite.tasks], eval_dir), settings)
     document = results_document(outcomes, settings, ["tiny"])
     write_outputs(tmp_path, document, outcomes, plots=False)
