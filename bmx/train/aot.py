@@ -1,8 +1,8 @@
 """python -m bmx.train.aot --config FILE --topology v5p:4x4x4 [--search] [key.sub=value ...]
 
 Compiles the run's train step for a TPU slice this machine does not have (libtpu's compile-only
-devices: `pip install "jax[tpu]"`), from abstract shapes only, and prints per-device HBM, FLOPs and
-the roofline-predicted step time and MFU. Exits 1, naming the largest buffers, when it does not fit.
+devices: `pip install "jax[tpu]"`), from abstract shapes only, and prints per-device HBM, FLOPs,
+compute/HBM/ICI/DCN time and the predicted MFU (a range and its point estimate). Exits 1, naming the largest buffers, when it does not fit.
 `--search` tries a grid of mesh splits, remat policies and per-device batches instead and prints the
 fitting ones by predicted MFU. The work is in `bmx.train.aot_compile` and `bmx.train.aot_search`.
 """
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:4x4x4")
+    parser.add_argument("--slices", type=int, default=1,
+                        help="that many slices joined by DCN (mesh.dcn_data: data parallel across them)")
     parser.add_argument("--no-cost", action="store_true", help="memory only: skip the FLOPs/roofline compiles")
     parser.add_argument("--json", default=None, help="also write the report(s) as JSON to this file")
     parser.add_argument("--judge-as", default=None, metavar="CHIP",
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
 
     try:
         config = aot_run_config(load_config(RunConfig, args.config, args.overrides))
-        topology = parse_topology(args.topology)
+        topology = parse_topology(args.topology, args.slices)
         if args.judge_as is not None and args.judge_as not in CHIPS:
             raise ValueError(f"--judge-as {args.judge_as!r}: known chips are {sorted(CHIPS)}")
     except (ConfigError, ValueError) as error:
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
         grid = SearchGrid(data=args.data, tensor=args.tensor, remat=args.remat, per_device_batch=args.per_device_batch)
 
         def progress(candidate, report):
-            verdict = f"fits, predicted MFU {report.predicted_mfu:.1%}" if report.fits else "does not fit"
+            verdict = f"fits, predicted MFU {report.predicted_mfu:.1%}" if report.predicted_mfu else (
+                "fits" if report.fits else "does not fit")
             print(f"tried {candidate}: {verdict} ({report.compile_seconds:.0f} s)", flush=True)
 
         reports = search(config, topology, grid, on_report=progress)

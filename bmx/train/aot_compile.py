@@ -5,9 +5,13 @@ jitted step with donation; `bmx.train.setup.build`) from abstract shapes, compil
 topology's compile-only devices, and reads per-device memory from XLA's buffer assignment and
 FLOPs/bytes from XLA's cost analysis (loops unrolled, see `aot_cost`).
 
-Prediction: a roofline, step time = max(FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth) per device,
-with XLA's FLOPs and bytes (rematerialisation included). It assumes collectives overlap with compute
-and every fused op runs at the chip's peak, so it is an upper bound on MFU.
+Prediction, per device: compute = XLA's FLOPs (rematerialisation included) / (peak × the chip's sustained
+matmul efficiency), HBM = bytes / bandwidth, their roofline max(compute, HBM); ICI and DCN time of the
+collectives XLA emitted (`aot_comms`). The step is somewhere between
+- collectives fully hidden: max(roofline, ICI, DCN), and
+- not hidden at all: roofline + ICI + DCN;
+the point estimate hides what XLA issued asynchronously and adds what it did not:
+max(roofline, asynchronous ICI, DCN) + synchronous ICI. MFU = bmx's model FLOPs / (step × peak).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import jax
 
 from bmx.train.aot_buffers import Buffer, largest_buffers
+from bmx.train.aot_comms import CollectiveSummary, CommModel
 from bmx.train.aot_cost import StepCost, extrapolated_cost, program_cost, unrolled_xla_cost
 from bmx.train.aot_hardware import Chip, Topology, compile_only_devices
 from bmx.train.config import RunConfig
@@ -59,6 +64,7 @@ class AotReport:
     xla_cost: StepCost | None  # per device per step, from XLA (None when not fitting or not asked)
     compile_seconds: float
     notes: list[str] = field(default_factory=list)
+    collectives: list[CollectiveSummary] = field(default_factory=list)  # of the compiled step (a loop body once)
 
     @property
     def microbatch_per_device(self) -> float:
@@ -67,19 +73,54 @@ class AotReport:
 
     @property
     def compute_seconds(self) -> float | None:
-        return None if self.xla_cost is None else self.xla_cost.flops / self.chip.peak_flops
+        """XLA's FLOPs at the chip's sustained matmul rate."""
+        if self.xla_cost is None:
+            return None
+        return self.xla_cost.flops / (self.chip.peak_flops * self.chip.matmul_efficiency)
 
     @property
     def memory_seconds(self) -> float | None:
         return None if self.xla_cost is None else self.xla_cost.bytes_accessed / self.chip.hbm_bandwidth
 
     @property
+    def ici_seconds(self) -> float | None:
+        return None if self.xla_cost is None else self.xla_cost.ici_seconds
+
+    @property
+    def dcn_seconds(self) -> float | None:
+        return None if self.xla_cost is None else self.xla_cost.dcn_seconds
+
+    @property
+    def step_seconds_range(self) -> tuple[float, float] | None:
+        """(collectives fully hidden, collectives not hidden at all)."""
+        if self.xla_cost is None:
+            return None
+        roofline = max(self.compute_seconds, self.memory_seconds)
+        return (max(roofline, self.ici_seconds, self.dcn_seconds), roofline + self.ici_seconds + self.dcn_seconds)
+
+    @property
     def step_seconds(self) -> float | None:
-        return None if self.xla_cost is None else max(self.compute_seconds, self.memory_seconds)
+        """The point estimate: XLA's asynchronous collectives hidden behind compute, its synchronous ones not."""
+        if self.xla_cost is None:
+            return None
+        roofline = max(self.compute_seconds, self.memory_seconds)
+        synchronous = self.xla_cost.ici_synchronous_seconds
+        return max(roofline, self.ici_seconds - synchronous, self.dcn_seconds) + synchronous
+
+    def _mfu(self, step_seconds: float) -> float:
+        return self.model_flops / (step_seconds * self.chip.peak_flops)
 
     @property
     def predicted_mfu(self) -> float | None:
-        return None if self.xla_cost is None else self.model_flops / (self.step_seconds * self.chip.peak_flops)
+        return None if self.xla_cost is None else self._mfu(self.step_seconds)
+
+    @property
+    def predicted_mfu_range(self) -> tuple[float, float] | None:
+        """(lowest: collectives not hidden, highest: fully hidden)."""
+        if self.xla_cost is None:
+            return None
+        hidden, exposed = self.step_seconds_range
+        return self._mfu(exposed), self._mfu(hidden)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -146,12 +187,14 @@ def attention_training_flops_per_token(model_config, seq_len: int) -> float:
     return 3 * model_config.num_hidden_layers * 4 * model_config.num_attention_heads * model_config.head_dim * span
 
 
-def xla_step_cost(config: RunConfig, devices, num_layers: int, *, with_bytes: bool = True) -> StepCost:
+def xla_step_cost(config: RunConfig, devices, num_layers: int, *, with_bytes: bool = True,
+                  comm_model: CommModel | None = None) -> StepCost:
     """XLA's per-device cost of one step at `num_layers` and the config's accumulation (see `aot_cost`)."""
     def cost_at(layers: int, microbatches: int) -> StepCost:
         variant = _variant(config, layers, microbatches)
         setup = build(variant, devices)
-        return unrolled_xla_cost(setup.train_step, step_arguments(setup, variant), with_bytes=with_bytes)
+        return unrolled_xla_cost(setup.train_step, step_arguments(setup, variant), with_bytes=with_bytes,
+                                 comm_model=comm_model)
 
     return extrapolated_cost(cost_at, num_layers, config.train.grad_accumulation)
 
@@ -167,8 +210,10 @@ def compile_report(config: RunConfig, topology: Topology, *, with_cost: bool = T
     setup = build(config, devices)
     lowered = setup.train_step.lower(*step_arguments(setup, config))
     compiled, error, buffers = _compile_with_buffer_dump(lowered)
-    memory = None
+    memory, collectives = None, []
+    comm_model = CommModel(chip, setup.mesh, topology.torus_axes)
     if compiled is not None:
+        collectives = comm_model.summary(compiled.as_text())
         stats = compiled.memory_analysis()
         memory = MemoryPerDevice(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
                                  aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
@@ -176,26 +221,50 @@ def compile_report(config: RunConfig, topology: Topology, *, with_cost: bool = T
     fits = memory is not None and memory.total <= chip.hbm_bytes
     tokens_per_device = config.train.global_batch_size * setup.seq_len / len(devices)
     model_flops = training_flops_per_token(setup.model_config, setup.seq_len) * tokens_per_device
-    cost, notes = _measured_cost(config, setup, lowered, compiled, devices) if fits and with_cost else (None, [])
+    cost, notes = (_measured_cost(config, setup, lowered, compiled, devices, comm_model) if fits and with_cost
+                   else (None, []))
     if judged_as is not None:
         notes.append(f"compiled by XLA:TPU for {topology.name} standing in for {len(devices)} × {chip.name}: "
                      "same mesh, shardings and step; memory and HBM traffic are the TPU program's")
+        if chip.ici_switched:
+            notes.append(f"collectives timed as NVLink within a node ({chip.ici_link_bandwidth / 1e9:.0f} GB/s a GPU "
+                         "one way, whatever the group's shape)"
+                         + ("" if len(devices) <= (chip.ici_domain or len(devices)) else
+                            f"; more than {chip.ici_domain} GPUs span nodes, which this TPU stand-in does not model"))
     return AotReport(
         topology=topology.name, chip=chip, num_devices=len(devices), mesh=dict(setup.mesh.shape),
         remat=config.model.remat, seq_len=setup.seq_len,
         global_batch_size=config.train.global_batch_size, grad_accumulation=config.train.grad_accumulation,
         attention=_attention_of(setup),
         fits=fits, memory=memory, compile_error=error, largest_buffers=buffers, model_flops=model_flops,
+        xla_cost=cost, compile_seconds=time.perf_counter() - started, notes=notes, collectives=collectives)
+
+
+def predicted_step(config: RunConfig, devices, chip: Chip, name: str) -> AotReport:
+    """The step-time prediction alone, for devices at hand (e.g. one GPU, `bench/gpu.py`): XLA's cost of
+    the step compiled for `devices`, judged as `chip`; no memory compile (`memory` is None)."""
+    started = time.perf_counter()
+    config = aot_run_config(config)
+    setup = build(config, devices)
+    comm_model = CommModel(chip, setup.mesh)
+    cost, notes = _measured_cost(config, setup, None, None, devices, comm_model)
+    tokens_per_device = config.train.global_batch_size * setup.seq_len / len(devices)
+    return AotReport(
+        topology=name, chip=chip, num_devices=len(devices), mesh=dict(setup.mesh.shape), remat=config.model.remat,
+        attention=_attention_of(setup), seq_len=setup.seq_len, global_batch_size=config.train.global_batch_size,
+        grad_accumulation=config.train.grad_accumulation, fits=True, memory=None, compile_error="",
+        largest_buffers=[], model_flops=training_flops_per_token(setup.model_config, setup.seq_len) * tokens_per_device,
         xla_cost=cost, compile_seconds=time.perf_counter() - started, notes=notes)
 
 
-def _measured_cost(config: RunConfig, setup: TrainSetup, lowered, compiled, devices) -> tuple[StepCost, list[str]]:
+def _measured_cost(config: RunConfig, setup: TrainSetup, lowered, compiled, devices,
+                   comm_model: CommModel) -> tuple[StepCost, list[str]]:
     """XLA's per-device cost of the step (see `aot_cost`), attention kernels' work added; and notes on it."""
     num_layers, notes = setup.model_config.num_hidden_layers, []
-    if num_layers == 1 and config.train.grad_accumulation == 1:  # every loop of the step runs once
-        cost = program_cost(lowered, len(devices), compiled=compiled)
+    if lowered is not None and num_layers == 1 and config.train.grad_accumulation == 1:  # every loop runs once
+        cost = program_cost(lowered, len(devices), compiled=compiled, comm_model=comm_model)
     else:
-        cost = xla_step_cost(config, devices, num_layers)
+        cost = xla_step_cost(config, devices, num_layers, comm_model=comm_model)
     attention = _attention_of(setup)
     if attention != "xla":
         # XLA cannot see inside a Pallas/cuDNN kernel: count its work with bmx's formula (a lower bound:

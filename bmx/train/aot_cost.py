@@ -12,6 +12,8 @@ for the same devices and shardings.
   before partitioning and bmx's formula), so it predicted MFUs above 100 %.
 - HBM bytes come from the program compiled for the TPU topology: traffic after fusion is a property
   of the compiled program, which the pre-partitioning HLO (every op a round trip to memory) is not.
+- Collective times come from the same compiled program (`bmx.train.aot_comms`): which collectives
+  XLA emitted, how many bytes, over which mesh axes and links.
 
 Unrolling 32 layers makes compilation slow, so the cost is measured on 1 and 2 layers (and 1 and 2
 microbatches) and extended bilinearly: with the per-device microbatch fixed, a step's cost is
@@ -35,6 +37,9 @@ class StepCost:
     flops: float
     bytes_accessed: float  # HBM traffic XLA expects after fusion
     transcendentals: float
+    ici_seconds: float = 0.0  # collectives inside a slice (`aot_comms`), as the compiled program runs them
+    ici_synchronous_seconds: float = 0.0  # the part of ici_seconds XLA did not issue asynchronously
+    dcn_seconds: float = 0.0  # transfers between slices
 
     def __add__(self, other: "StepCost") -> "StepCost":
         return StepCost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -83,20 +88,26 @@ def _hlo_cost_before_partitioning(lowered) -> dict[str, float]:
     return _jax.hlo_module_cost_analysis(jax.extend.backend.get_backend("cpu"), module)
 
 
-def program_cost(lowered, num_devices: int, *, compiled=None, with_bytes: bool = True) -> StepCost:
+def program_cost(lowered, num_devices: int, *, compiled=None, with_bytes: bool = True, comm_model=None) -> StepCost:
     """Per-device cost of a lowered program whose loops (if any) run once: FLOPs before partitioning ÷
-    devices, HBM bytes from the program compiled for its devices (`compiled`, or compiled here)."""
+    devices; HBM bytes, and collective times when given a `comm_model` (`aot_comms.CommModel`), from the
+    program compiled for its devices (`compiled`, or compiled here)."""
     whole_program = _hlo_cost_before_partitioning(lowered)
-    bytes_accessed = 0.0
+    bytes_accessed, comm = 0.0, None
     if with_bytes:
-        analysis = (compiled or lowered.compile()).cost_analysis()
+        compiled = compiled or lowered.compile()
+        analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis  # older jax: one dict per program
         bytes_accessed = float(analysis.get("bytes accessed", 0.0))
+        comm = comm_model.time(compiled.as_text()) if comm_model is not None else None
     return StepCost(flops=float(whole_program.get("flops", 0.0)) / num_devices, bytes_accessed=bytes_accessed,
-                    transcendentals=float(whole_program.get("transcendentals", 0.0)) / num_devices)
+                    transcendentals=float(whole_program.get("transcendentals", 0.0)) / num_devices,
+                    ici_seconds=comm.ici if comm else 0.0,
+                    ici_synchronous_seconds=comm.ici_synchronous if comm else 0.0,
+                    dcn_seconds=comm.dcn if comm else 0.0)
 
 
-def unrolled_xla_cost(step, args: tuple, *, with_bytes: bool = True) -> StepCost:
+def unrolled_xla_cost(step, args: tuple, *, with_bytes: bool = True, comm_model=None) -> StepCost:
     """Per-device cost of jitted `step` on abstract `args` (ShapeDtypeStructs with shardings), loops unrolled.
 
     The step's jaxpr holds the jitted call itself, with its in/out shardings, so the unrolled program is
@@ -106,7 +117,7 @@ def unrolled_xla_cost(step, args: tuple, *, with_bytes: bool = True) -> StepCost
     program = jax.jit(jex_core.jaxpr_as_fun(unrolled(jax.make_jaxpr(step)(*args))),
                       in_shardings=[arg.sharding for arg in flat_args])
     num_devices = len(flat_args[0].sharding.device_set)
-    return program_cost(program.lower(*flat_args), num_devices, with_bytes=with_bytes)
+    return program_cost(program.lower(*flat_args), num_devices, with_bytes=with_bytes, comm_model=comm_model)
 
 
 def extrapolated_cost(cost_at: Callable[[int, int], StepCost], num_layers: int, accumulation: int) -> StepCost:

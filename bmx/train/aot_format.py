@@ -51,11 +51,23 @@ def format_report(report: AotReport, config_name: str = "") -> str:
         lines += [f"  XLA cost analysis        {cost.flops:.3e}  ({cost.flops / report.model_flops:.2f} × model: "
                   "rematerialisation, attention masking, softmax, optimizer)",
                   f"  XLA:TPU HBM traffic      {cost.bytes_accessed:.3e} bytes (compiled program, after fusion)",
-                  f"roofline ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s; "
-                  f"{chip.source})",
-                  f"  compute {_seconds(report.compute_seconds)} · HBM {_seconds(report.memory_seconds)} → step "
-                  f"{_seconds(report.step_seconds)}, {report.tokens_per_second:,.0f} tokens/s, "
-                  f"predicted MFU {report.predicted_mfu:.1%}"]
+                  f"step time per device ({chip.peak_flops / 1e12:.0f} TFLOP/s bf16 × {chip.matmul_efficiency:.0%} "
+                  f"sustained, HBM {chip.hbm_bandwidth / 1e9:.0f} GB/s, ICI {chip.ici_link_bandwidth / 1e9:.0f} GB/s "
+                  f"a link, DCN {chip.dcn_bandwidth / 1e9:.2f} GB/s a chip; {chip.source})",
+                  f"  compute {_seconds(report.compute_seconds)} · HBM {_seconds(report.memory_seconds)} · "
+                  f"ICI {_seconds(report.ici_seconds)} ({_seconds(cost.ici_synchronous_seconds)} synchronous) · "
+                  f"DCN {_seconds(report.dcn_seconds)}"]
+        hidden, exposed = report.step_seconds_range
+        low, high = report.predicted_mfu_range
+        lines += [f"  step {_seconds(report.step_seconds)} (collectives hidden … not hidden: {_seconds(hidden)} … "
+                  f"{_seconds(exposed)}), {report.tokens_per_second:,.0f} tokens/s",
+                  f"  predicted MFU {report.predicted_mfu:.1%} (range {low:.1%} … {high:.1%})",
+                  "  overlap assumed: collectives XLA issued asynchronously run behind compute, synchronous ones "
+                  "stall the step"]
+    if report.collectives:
+        lines.append("collectives in the compiled step (a loop body counted once)")
+        lines += [f"  {row.link} {row.kind:<18} over {'×'.join(row.mesh_axes) or '-':<12} {row.count:>4} ops "
+                  f"{row.result_bytes / 2**20:10.1f} MiB  {_seconds(row.seconds)}" for row in report.collectives[:8]]
     lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)
 
@@ -76,7 +88,7 @@ def report_dict(report: AotReport) -> dict[str, Any]:
     """Everything in the report, derived numbers included, as plain JSON values."""
     values = dataclasses.asdict(report)
     values["memory_total"] = None if report.memory is None else report.memory.total
-    for name in ("microbatch_per_device", "compute_seconds", "memory_seconds", "step_seconds", "predicted_mfu",
-                 "tokens_per_second"):
+    for name in ("microbatch_per_device", "compute_seconds", "memory_seconds", "ici_seconds", "dcn_seconds",
+                 "step_seconds", "step_seconds_range", "predicted_mfu", "predicted_mfu_range", "tokens_per_second"):
         values[name] = getattr(report, name)
     return values

@@ -1,9 +1,10 @@
-"""The accelerators bmx can compile for without having them: HBM, peak FLOP/s, bandwidth, topologies.
+"""The TPU slices bmx can compile for without having them (the chips themselves: `bmx.train.chips`).
 
 A topology is `GENERATION:SHAPE`, e.g. `v5p:4x4x4` (64 chips, a v5p-128 slice: v4 and v5p count two
 TensorCores per chip in the slice name, and JAX sees one device per chip), `v5e:16x16` (v5e-256) or
-`v6e:8x8`. `jax.experimental.topologies` gives compile-only devices for it through libtpu
-(`pip install "jax[tpu]"`), with no TPU attached.
+`v6e:8x8`; `Topology.slices` > 1 is that many such slices joined by the data-center network (DCN).
+`jax.experimental.topologies` gives compile-only devices for it through libtpu (`pip install "jax[tpu]"`),
+with no TPU attached.
 """
 
 from __future__ import annotations
@@ -13,33 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from bmx.train.flops import PEAK_FLOPS_BY_DEVICE_KIND
-
-GiB = 2**30
-
-
-@dataclass(frozen=True)
-class Chip:
-    name: str
-    hbm_bytes: int  # per device, as the vendor states it
-    peak_flops: float  # dense bf16 FLOP/s per device
-    hbm_bandwidth: float  # bytes/s per device
-    source: str
-
-
-# One device per chip (v4/v5p megacore: JAX sees the chip's two TensorCores as one device).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32 * GiB, PEAK_FLOPS_BY_DEVICE_KIND["TPU v4"], 1200e9,
-               "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s"),
-    "v5e": Chip("TPU v5e", 16 * GiB, PEAK_FLOPS_BY_DEVICE_KIND["TPU v5e"], 819e9,
-                "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s"),
-    "v5p": Chip("TPU v5p", 95 * GiB, PEAK_FLOPS_BY_DEVICE_KIND["TPU v5p"], 2765e9,
-                "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s"),
-    "v6e": Chip("TPU v6e", 32 * GiB, PEAK_FLOPS_BY_DEVICE_KIND["TPU v6e"], 1640e9,
-                "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GiB HBM, 1640 GB/s"),
-    "h100": Chip("NVIDIA H100 SXM", 80 * 10**9, PEAK_FLOPS_BY_DEVICE_KIND["NVIDIA H100"], 3.35e12,
-                 "NVIDIA H100 Tensor Core GPU datasheet: 989 TFLOP/s dense bf16, 80 GB HBM3, 3.35 TB/s"),
-}
+from bmx.train.chips import CHIPS, GiB, Chip  # noqa: F401 - the chip table, re-exported for the AOT tool
 
 # Slice shapes are chips along each ICI axis: 3-D tori for v4/v5p, 2-D meshes for v5e/v6e.
 _TPU_RANKS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
@@ -49,11 +24,16 @@ _MEGACORE = {"v4", "v5p"}
 @dataclass(frozen=True)
 class Topology:
     generation: str  # a key of CHIPS
-    shape: tuple[int, ...]  # chips along each axis
+    shape: tuple[int, ...]  # chips along each axis of one slice
+    slices: int = 1
+
+    @property
+    def slice_name(self) -> str:
+        return f"{self.generation}:{'x'.join(map(str, self.shape))}"
 
     @property
     def name(self) -> str:
-        return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+        return self.slice_name if self.slices == 1 else f"{self.slices}x {self.slice_name}"
 
     @property
     def chip(self) -> Chip:
@@ -61,10 +41,21 @@ class Topology:
 
     @property
     def num_devices(self) -> int:
-        return math.prod(self.shape)
+        return math.prod(self.shape) * self.slices
+
+    @property
+    def torus_axes(self) -> tuple[bool, ...]:
+        """Whether each axis of the slice wraps around: v4/v5p slices of whole 4x4x4 cubes are 3-D tori;
+        v5e/v6e wrap only along a full 16-chip pod edge. Without wraparound a ring along an axis runs at
+        half the bandwidth."""
+        if self.generation in _MEGACORE:
+            return tuple(all(size % 4 == 0 for size in self.shape) for _ in self.shape)
+        return tuple(size == 16 for size in self.shape)
 
 
-def parse_topology(name: str) -> Topology:
+def parse_topology(name: str, slices: int = 1) -> Topology:
+    if slices < 1:
+        raise ValueError(f"--slices {slices}: a run has at least one slice")
     match = re.fullmatch(r"(\w+):(\d+(?:x\d+)*)", name.strip())
     if not match or match.group(1) not in _TPU_RANKS:
         raise ValueError(f"topology {name!r}: expected GENERATION:SHAPE with GENERATION one of "
@@ -73,7 +64,7 @@ def parse_topology(name: str) -> Topology:
     if len(shape) != _TPU_RANKS[generation] or min(shape) < 1:
         raise ValueError(f"topology {name!r}: a {generation} slice has {_TPU_RANKS[generation]} axes of chips, "
                          f"e.g. {'v5p:4x4x4' if _TPU_RANKS[generation] == 3 else 'v5e:16x16'}")
-    return Topology(generation, shape)
+    return Topology(generation, shape, slices)
 
 
 def compile_only_devices(topology: Topology) -> list:
@@ -89,8 +80,9 @@ def compile_only_devices(topology: Topology) -> list:
     hosts = (min(2, topology.shape[0]), min(2, topology.shape[1]), 1)
     options = {"chip_config_name": "megacore"} if topology.generation in _MEGACORE else {}
     try:
-        description = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
-                                                   chips_per_host_bounds=hosts, num_slices=1, **options)
+        description = topologies.get_topology_desc(platform="tpu", topology_name=topology.slice_name,
+                                                   chips_per_host_bounds=hosts, num_slices=topology.slices,
+                                                   **options)
     except Exception as error:  # noqa: BLE001 - libtpu missing or refusing the shape
         raise RuntimeError(f"cannot make compile-only devices for {topology.name}: {error}. "
                            f"AOT compilation needs libtpu: pip install \"jax[tpu]==<this jax's version>\"") from error

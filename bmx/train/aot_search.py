@@ -64,7 +64,7 @@ def with_candidate(config: RunConfig, candidate: Candidate) -> RunConfig:
 
 def search(config: RunConfig, topology: Topology, grid: SearchGrid = SearchGrid(),
            on_report: Callable[[Candidate, AotReport], None] = lambda candidate, report: None) -> list[AotReport]:
-    """Reports of every tried candidate; the fitting ones first, by predicted MFU, best first."""
+    """Reports of every tried candidate; the fitting ones first, by the point estimate of MFU, best first."""
     devices = compile_only_devices(topology)
     reports: list[AotReport] = []
     line_failed: set[tuple] = set()
@@ -81,14 +81,17 @@ def search(config: RunConfig, topology: Topology, grid: SearchGrid = SearchGrid(
 
 
 def format_table(reports: list[AotReport]) -> str:
-    header = "fits  data fsdp tensor  remat          batch/device  accumulation  HBM GiB   step s   tokens/s   MFU"
+    header = ("fits  data fsdp tensor  remat          batch/device  accumulation  HBM GiB   step s   tokens/s   MFU"
+              "  (range)")
     rows = [header]
     for report in reports:
         memory = "-" if report.memory is None else f"{report.memory.total / 2**30:.1f}"
         step = "-" if report.step_seconds is None else f"{report.step_seconds:.3f}"
         tokens = "-" if report.tokens_per_second is None else f"{report.tokens_per_second:,.0f}"
         mfu = "-" if report.predicted_mfu is None else f"{report.predicted_mfu:.1%}"
+        if report.predicted_mfu_range is not None:
+            mfu += f"  ({report.predicted_mfu_range[0]:.0%}–{report.predicted_mfu_range[1]:.0%})"
         rows.append(f"{'yes' if report.fits else 'no':<5} {report.mesh['data']:>4} {report.mesh['fsdp']:>4} "
                     f"{report.mesh['tensor']:>6}  {report.remat:<14} {report.microbatch_per_device:>12g}  "
-                    f"{report.grad_accumulation:>12}  {memory:>7}  {step:>7}  {tokens:>9}  {mfu:>5}")
+                    f"{report.grad_accumulation:>12}  {memory:>7}  {step:>7}  {tokens:>9}  {mfu}")
     return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and peak device FLOP/s, for MFU.
+"""Model FLOPs per token and peak device FLOP/s (from the chip table, `bmx.train.chips`), for MFU.
 
 Training FLOPs per token = 3 × forward (backward ≈ 2 × forward). Forward per token:
 - matmuls: 2 × (q, k, v, o projections with GQA's smaller k/v + 3 SwiGLU matrices) per layer, + LM head;
@@ -15,23 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bmx.model.config import MistralConfig
-
-# Dense bf16 peak FLOP/s per device from vendor datasheets (no sparsity).
-PEAK_FLOPS_BY_DEVICE_KIND: dict[str, float] = {
-    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM datasheet
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,  # same compute as H100 SXM
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "TPU v4": 275e12,  # cloud.google.com/tpu/docs/v4
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-}
+from bmx.train.chips import chip_for_device_kind
 
 
 def average_attention_span(seq_len: int, sliding_window: int | None) -> float:
@@ -80,7 +64,7 @@ def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
         return override, "config"
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
-    for name, flops in PEAK_FLOPS_BY_DEVICE_KIND.items():
-        if kind.startswith(name):
-            return flops, f"datasheet ({kind})"
+    chip = chip_for_device_kind(kind)
+    if chip is not None:
+        return chip.peak_flops, f"datasheet ({kind}: {chip.source.split(':')[0]})"
     return measured_matmul_peak(device), f"measured float32 matmul ({kind or device.platform})"

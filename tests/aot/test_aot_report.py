@@ -85,11 +85,21 @@ def test_report_flops_and_roofline(v5p_report):
     assert report.model_flops == pytest.approx(training_flops_per_token(model_config, 256) * 8 * 256 / 4)
     # Rematerialisation adds work; XLA also counts softmax, norms and the optimizer.
     assert report.model_flops < report.xla_cost.flops < 1.6 * report.model_flops
-    assert report.compute_seconds == pytest.approx(report.xla_cost.flops / CHIPS["v5p"].peak_flops)
-    assert report.memory_seconds == pytest.approx(report.xla_cost.bytes_accessed / CHIPS["v5p"].hbm_bandwidth)
-    assert report.step_seconds == max(report.compute_seconds, report.memory_seconds)
-    assert 0 < report.predicted_mfu < 1
+    chip = CHIPS["v5p"]
+    assert report.compute_seconds == pytest.approx(report.xla_cost.flops / (chip.peak_flops * chip.matmul_efficiency))
+    assert report.memory_seconds == pytest.approx(report.xla_cost.bytes_accessed / chip.hbm_bandwidth)
+    # One slice of 4 chips: FSDP all-gathers and gradient reductions over ICI, nothing over DCN.
+    assert report.ici_seconds > 0 and report.dcn_seconds == 0
+    roofline = max(report.compute_seconds, report.memory_seconds)
+    hidden, exposed = report.step_seconds_range
+    assert hidden == max(roofline, report.ici_seconds) and exposed == pytest.approx(roofline + report.ici_seconds)
+    assert hidden <= report.step_seconds <= exposed
+    low, high = report.predicted_mfu_range
+    assert 0 < low <= report.predicted_mfu <= high < 1
+    assert high == pytest.approx(report.model_flops / (hidden * chip.peak_flops))
     assert report.tokens_per_second == pytest.approx(8 * 256 / report.step_seconds)
+    assert {row.link for row in report.collectives} == {"ICI"}
+    assert {row.mesh_axes for row in report.collectives} == {("fsdp",)}
 
 
 def test_xla_counts_the_flops_of_bmx_formula_when_nothing_is_recomputed():
@@ -168,7 +178,8 @@ def test_cli_prints_the_report(tmp_path, capsys, v5p_report):
     text = format_report(v5p_report, "tiny.yaml")
     for expected in ("on v5p:2x2x1 (4 × TPU v5p", "memory per device (HBM 95.0 GiB)", "arguments", "temporaries",
                      "fits", "largest buffers", "model (bmx MFU formula)", "XLA cost analysis", "predicted MFU",
-                     "cloud.google.com/tpu/docs/v5p"):
+                     "cloud.google.com/tpu/docs/v5p", "ICI", "DCN", "range", "overlap assumed",
+                     "collectives in the compiled step"):
         assert expected in text
 
 
