@@ -153,8 +153,14 @@ def generate_section(args, device) -> list[dict]:
     from bmx.convert import hf_to_bmx
     from bmx.model import load
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from generate import bench_bmx  # bench/generate.py: bmx's side, device-agnostic
+    # bench/generate.py (bmx's side, device-agnostic), loaded by path: a module named `generate` may
+    # already be imported from elsewhere (the tests' `generate` package).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("generate.py"))
+    bench_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_generate)
+    bench_bmx = bench_generate.bench_bmx
 
     def best_of(repeats: int, run) -> float:
         times = []
