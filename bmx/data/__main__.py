@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
 from bmx.data.licenses import LICENSE_FILTERS
-from bmx.data.prepare import PrepareSettings, prepare
+from bmx.data.prepare import PrepareSettings, WorkerDied, prepare
 from bmx.data.prepare_sft import QUESTION_SPLITS, SFTSettings, prepare_sft
 from bmx.data.sources import InputError
 from bmx.tokenizer import MISTRAL_V01
-
 from bmx.compile_cache import enable_compile_cache
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bmx.data", description=__doc__)
@@ -63,8 +64,8 @@ def _prepare_sft(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
+    args = _parser().parse_args(argv)
     if args.command == "prepare-sft":
         try:
             manifest = _prepare_sft(args)

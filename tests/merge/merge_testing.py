@@ -92,7 +92,9 @@ def absolute_models(config: dict, root: Path) -> dict:
     """The same config with model names made absolute paths (mergekit resolves against the cwd)."""
     def fix(value):
         if isinstance(value, dict):
-            return {k: (str(root / v) if k in ("model", "base_model", "source") and isinstance(v, str) and v not in ("base", "union") else fix(v))
+            # `source: base|union` (tokenizer blocks) are keywords, not models; a model may be named `base`.
+            return {k: (str(root / v) if k in ("model", "base_model", "source") and isinstance(v, str)
+                        and not (k == "source" and v in ("base", "union")) else fix(v))
                     for k, v in value.items()}
         if isinstance(value, list):
             return [fix(v) for v in value]

@@ -113,7 +113,8 @@ def test_a_restarted_run_continues_the_same_wandb_run(tmp_path, offline_wandb):
         writer.write(step, {"loss": 1.0 / step})
         writer.close()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
+    # offline-run-<time>-<id>, with "-1" appended when both starts fall in the same second
+    assert len(runs) == 2 and len({run.name.split("-")[3] for run in runs}) == 1, runs
     assert [logged_rows(finished_records(run)) for run in runs] == [{1: {"loss": 1.0}}, {2: {"loss": 0.5}}]
 
 
