@@ -115,7 +115,8 @@ def test_killing_one_process_stops_the_other_with_an_error(tmp_path, pmc_tokens)
     assert processes[0].returncode != 0
     # The heartbeat notices first, or the collective fails and bmx says why, or (when the peer dies in
     # the middle of a CPU collective) gloo aborts the process itself: an error either way, never a hang.
-    causes = ("heartbeat timeout", "another process probably died", "gloo::EnforceNotMet")
+    causes = ("heartbeat timeout", "another process probably died", "gloo::EnforceNotMet",
+              "stopped sending heartbeats")  # JAX's coordination service may report it first
     assert any(cause in output for cause in causes), output[-2000:]
 
 
