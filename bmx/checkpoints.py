@@ -52,7 +52,7 @@ def checkpoint_kind(path: str | os.PathLike) -> Kind:
 def read_model_config(path: str | os.PathLike) -> MistralConfig:
     """The architecture of any kind of model directory, without reading a weight."""
     if checkpoint_kind(path) == "hf":
-        from bmx.convert.hf_params import read_hf_config
+        from bmx.convert.hf import read_hf_config
 
         return read_hf_config(epath.Path(path) / HF_CONFIG_FILE)
     from bmx.model.checkpoint import read_config

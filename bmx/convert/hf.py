@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -41,6 +42,7 @@ from bmx.model.checkpoint import (
 )
 from bmx.model.config import MistralConfig
 from bmx.model.mistral import Mistral
+from bmx.paths import is_local
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
@@ -103,7 +105,8 @@ def _validate_hf(reader: SafetensorsReader, config: MistralConfig, table: list[T
             raise CheckpointFormatError(f"{reader.directory}: tensors {row.hf_name!r} mix dtypes {sorted(map(str, dtypes))}")
 
 
-def _read_hf_config(config_file: Path) -> MistralConfig:
+def read_hf_config(config_file) -> MistralConfig:
+    """`MistralConfig` of an HF `config.json`; an error naming the file when it cannot be honoured."""
     try:
         values = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -116,16 +119,24 @@ def _read_hf_config(config_file: Path) -> MistralConfig:
         raise CheckpointFormatError(f"{config_file}: {error}") from None
 
 
-def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, progress: bool = True) -> Path:
-    """Convert an HF Mistral directory (config.json + safetensors) into a bmx checkpoint at `dst`."""
-    src, dst = Path(src), Path(dst)
+def open_hf(src) -> tuple[MistralConfig, SafetensorsReader, list[TensorMapping]]:
+    """An HF Mistral directory (local or `gs://…`), every tensor validated against its `config.json`
+    before any is read: `(config, reader, table)`."""
+    src = Path(src) if is_local(src) else epath.Path(src)
     config_file = src / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {src} is not a Hugging Face model directory")
-    config = _read_hf_config(config_file)
+    config = read_hf_config(config_file)
     reader = SafetensorsReader(src)
     table = mistral_table(config)
     _validate_hf(reader, config, table)
+    return config, reader, table
+
+
+def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, progress: bool = True) -> Path:
+    """Convert an HF Mistral directory (config.json + safetensors) into a bmx checkpoint at `dst`."""
+    src, dst = Path(src), Path(dst)
+    config, reader, table = open_hf(src)
     shapes = bmx_param_shapes(config)
     out_dtype = _resolve_dtype(dtype)
     bar = tqdm(total=sum(len(row.hf_names(config.num_hidden_layers)) for row in table), unit="tensor",
