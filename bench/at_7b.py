@@ -210,8 +210,7 @@ def write_short_medqa(directory: Path, pool: int) -> None:
     records.sort(key=lambda r: len(r["question"]) + sum(len(o) for o in r["options"].values()))
     (directory / "medqa").mkdir(parents=True, exist_ok=True)
     with open(directory / "medqa" / source.name, "w") as out:
-        for record in records[:pool]:
-            out.write(json.dumps(record) + "\n")
+        out.writelines(json.dumps(record) + "\n" for record in records[:pool])
 
 
 def compare_inference(bmx: dict, hf: dict) -> dict:
@@ -237,7 +236,12 @@ def child_make_model(directory, shape, layers, seed) -> dict:
     import numpy as np
 
     from bmx.convert.mistral_table import hf_tensor_order
-    from bmx.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec, atomic_output_dir, parse_size
+    from bmx.convert.safetensors_io import (
+        ShardedSafetensorsWriter,
+        TensorSpec,
+        atomic_output_dir,
+        parse_size,
+    )
     from bmx.model import MistralConfig
     from bmx.tokenizer import mistral_v01_model_path
 
@@ -355,7 +359,6 @@ def child_awq(ckpt, calib, samples) -> dict:
     import dataclasses
 
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from bmx.model.checkpoint import open_param, read_config
@@ -491,7 +494,7 @@ def tensor_fingerprint(merged, base, tuned) -> dict:
     DARE's kept fraction (entries moved off the base) and mean rescale of the kept task vector."""
     import numpy as np
 
-    rows = lambda x: np.asarray(x).reshape(np.asarray(x).shape[0], -1)  # noqa: E731
+    rows = lambda x: np.asarray(x).reshape(np.asarray(x).shape[0], -1)
     merged_rows = rows(merged)
     as_float = merged_rows.astype(np.float32)
     row_sums, row_abs_sums = as_float.sum(axis=1, dtype=np.float64), np.abs(as_float).sum(axis=1, dtype=np.float64)

@@ -185,16 +185,16 @@ def compare_outputs(ours: Path, reference: Path) -> tuple[float, float]:
     return largest, off / total
 
 
-def commands(method: str, workdir: Path, layers: int, rank: int) -> tuple[list[str], list[str]]:
-    """(bmx command, mergekit command) for one method, its YAML written into `workdir`."""
+def commands(method: str, workdir: Path, models: Path, layers: int, rank: int) -> tuple[list[str], list[str]]:
+    """(bmx command, mergekit command) for one method on the models in `models`, YAML and outputs in `workdir`."""
     out_bmx, out_mergekit = str(workdir / "out_bmx"), str(workdir / "out_mergekit")
     if method == "extract-lora":
-        base, tuned = str(workdir / "base"), str(workdir / "tuned_a")
+        base, tuned = str(models / "base"), str(models / "tuned_a")
         return ([sys.executable, "-m", "bmx.merge", "extract-lora", base, tuned, out_bmx, "--rank", str(rank), "--quiet"],
                 [shutil.which("mergekit-extract-lora") or "mergekit-extract-lora", "--model", tuned, "--base-model", base,
                  "--out-path", out_mergekit, "--max-rank", str(rank), "--quiet"])
     config_file = workdir / f"{method}.yaml"
-    config_file.write_text(yaml.safe_dump(method_config(method, workdir, layers), sort_keys=False))
+    config_file.write_text(yaml.safe_dump(method_config(method, models, layers), sort_keys=False))
     return ([sys.executable, "-m", "bmx.merge", str(config_file), out_bmx, "--quiet"],
             [shutil.which("mergekit-yaml") or "mergekit-yaml", str(config_file), out_mergekit, "--quiet"])
 
@@ -207,21 +207,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="slerp", choices=sorted(METHODS) + ["extract-lora"], help="what to time (default: BioMistral's SLERP)")
     parser.add_argument("--rank", type=int, default=64, help="extract-lora's rank")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write models and outputs (default: a temp dir)")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="keep the generated models here and reuse them on later runs (default: inside the work dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bmx-merge-bench-", dir=args.workdir))
     try:
         config = mistral_hf_config(*SIZES[args.size])
-        parameters = write_random_model(workdir / "base", config, seed=0)
+        models = args.models_dir / args.size if args.models_dir else workdir
         needed = {"tuned_a"} if args.method in ("slerp", "passthrough", "extract-lora", "nearswap", "arcee_fusion") else {"tuned_a", "tuned_b"}
         if args.method == "model_stock":
             needed.add("tuned_c")
-        for seed, name in enumerate(sorted(needed), start=1):
-            write_random_model(workdir / name, config, seed=seed, like=workdir / "base")
+        seeds = {"base": 0, "tuned_a": 1, "tuned_b": 2, "tuned_c": 3}
+        for name in ["base", *sorted(needed)]:
+            existing = models / name / "config.json"
+            if not (existing.is_file() and json.loads(existing.read_text()) == config):
+                shutil.rmtree(models / name, ignore_errors=True)  # another size or a partial one
+                write_random_model(models / name, config, seed=seeds[name], like=None if name == "base" else models / "base")
+        parameters = sum(int(np.prod(shape)) for _, shape in tensor_shapes(config))
         layers = config["num_hidden_layers"]
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "HF_HUB_OFFLINE": "1"}
-        ours, theirs = commands(args.method, workdir, layers, args.rank)
+        ours, theirs = commands(args.method, workdir, models, layers, args.rank)
         results = [measure("bmx (`python -m bmx.merge`)", ours, env), measure("mergekit 0.1.5", theirs, env)]
 
         print(f"\n{args.method} of {parameters / 1e9:.2f}B-parameter Mistral-shaped bf16 models "

@@ -53,7 +53,7 @@ from flax import nnx
 from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks
 from bmx.eval.scorers import JaxModelScorer
 from bmx.eval.tasks import load_tasks, resolve_tasks
-from bmx.model import load
+from bmx.checkpoints import load
 from bmx.model.checkpoint import read_config, read_params, write_checkpoint
 from bmx.quant import parameter_bytes
 from bmx.quant.pipeline import quantize_checkpoint

@@ -8,16 +8,17 @@ A model directory is one of three kinds, told apart by the file that marks it:
                                                               through the conversion table: no temporary copy)
 
 `load(path)` gives `(model, config)` for any of them, so every command that takes a model (`eval`,
-`generate`, `quant`, `merge`, `train`'s `init.from`, `convert merge-lora`) takes all three; `find_tokenizer`
-is the one rule for where a model's tokenizer lives. This module sits above `bmx.model`, `bmx.convert`
-and `bmx.quant` and is the only place that knows all three.
+`generate`, `quant`, `train`'s `init.from`) takes all three; `find_tokenizer` is the one rule for where a
+model's tokenizer lives. This module sits above `bmx.model` and `bmx.convert`; `bmx.quant`, higher up,
+registers the loader of its own kind (`register_loader`), so no lower package imports a higher one.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from etils import epath
 
@@ -27,8 +28,18 @@ from bmx.tokenizer import MISTRAL_V01
 
 Kind = Literal["bmx", "quantized", "hf"]
 HF_CONFIG_FILE = "config.json"
+QUANTIZATION_KEY = "quantization"  # in bmx_checkpoint.json: what makes a bmx checkpoint a quantized one
 # Any one of these marks a directory as holding a tokenizer (SentencePiece model or HF tokenizer files).
 TOKENIZER_MARKERS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+
+# Kinds whose loader a higher package provides: the module that registers it, imported on first need.
+PROVIDERS: dict[str, str] = {"quantized": "bmx.quant.checkpoint"}
+_LOADERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_loader(kind: Kind, loader: Callable[..., Any]) -> None:
+    """`loader(path, *, dtype, compute_dtype, remat, shardings) -> (model, config)` for `kind`."""
+    _LOADERS[kind] = loader
 
 
 def checkpoint_kind(path: str | os.PathLike) -> Kind:
@@ -40,7 +51,7 @@ def checkpoint_kind(path: str | os.PathLike) -> Kind:
             metadata = json.loads(metadata_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{metadata_file}: not valid JSON ({error})") from None
-        return "quantized" if isinstance(metadata, dict) and "quantization" in metadata else "bmx"
+        return "quantized" if isinstance(metadata, dict) and QUANTIZATION_KEY in metadata else "bmx"
     if (path / HF_CONFIG_FILE).is_file():
         return "hf"
     if not path.exists():
@@ -74,17 +85,15 @@ def load(path: str | os.PathLike, *, dtype=None, compute_dtype=None, remat: str 
          shardings: dict[str, Any] | None = None):
     """`(model, config)` from a bmx, quantized or Hugging Face directory, local or `gs://…`.
 
-    `dtype`: parameter dtype (default: as stored). `compute_dtype`: `bmx.model.default_compute_dtype()`
+    `dtype`: parameter dtype (default: as stored). `compute_dtype`: `bmx.model.checkpoint.default_compute_dtype()`
     (bfloat16 on GPU/TPU, float32 on CPU). `shardings`: optional nested dict of `jax.sharding.Sharding`s,
     one per parameter, to place the parameters straight onto a mesh (not for quantized checkpoints).
     """
     kind = checkpoint_kind(path)
-    if kind == "quantized":
-        if shardings is not None:
-            raise ValueError(f"{path}: a quantized checkpoint loads replicated; shardings are not supported")
-        from bmx.quant.checkpoint import load_quantized
-
-        return load_quantized(path, dtype, compute_dtype=compute_dtype, remat=remat)
+    if kind in PROVIDERS:
+        if kind not in _LOADERS:
+            importlib.import_module(PROVIDERS[kind])  # registers its loader
+        return _LOADERS[kind](path, dtype=dtype, compute_dtype=compute_dtype, remat=remat, shardings=shardings)
     if kind == "bmx":
         from bmx.model.checkpoint import load as load_bmx
 
@@ -97,3 +106,27 @@ def load(path: str | os.PathLike, *, dtype=None, compute_dtype=None, remat: str 
                               source=str(path))
     return model, config
 
+
+
+def read_params(path: str | os.PathLike, target: dict[str, Any], *, dtype=None) -> dict[str, Any]:
+    """The arrays of `target`'s tree (leaves: `jax.ShapeDtypeStruct`s, optionally with shardings) from a bmx
+    checkpoint or a Hugging Face directory, each placed on its sharding as it is read (`init.from`)."""
+    kind = checkpoint_kind(path)
+    if kind == "bmx":
+        from bmx.model.checkpoint import read_params as read_bmx_params
+
+        return read_bmx_params(path, target, dtype=dtype)
+    if kind != "hf":
+        raise ValueError(f"{path}: a {kind} checkpoint holds no float parameters to start from; give its float source")
+    import jax
+
+    from bmx.convert.hf_params import read_hf_params
+    from bmx.model.checkpoint import check_same_structure
+
+    _, params = read_hf_params(path, dtype=dtype)
+    check_same_structure(path, target, params)
+
+    def place(want, array):
+        sharding = getattr(want, "sharding", None)
+        return jax.device_put(array.astype(dtype or want.dtype), sharding) if sharding is not None else array
+    return jax.tree.map(place, target, params)

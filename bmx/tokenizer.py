@@ -78,9 +78,11 @@ def _dir_sha256(path: Path) -> str:
 
 
 def load_tokenizer(spec: str | os.PathLike = MISTRAL_V01) -> Tokenizer:
-    """Load `mistral-v0.1` (default), a SentencePiece `.model` file, or a local HF tokenizer dir."""
+    """Load `mistral-v0.1` (default), a SentencePiece `.model` file, or an HF tokenizer dir (local or `gs://`)."""
     import sentencepiece as spm
 
+    if "://" in str(spec):
+        return _load_from_object_store(str(spec))
     if str(spec) == MISTRAL_V01:
         path = mistral_v01_model_path()
     else:
@@ -116,3 +118,27 @@ def load_tokenizer(spec: str | os.PathLike = MISTRAL_V01) -> Tokenizer:
         eos_id=hf_tokenizer.eos_token_id,
         vocab_size=len(hf_tokenizer),
     )
+
+
+def _load_from_object_store(url: str) -> Tokenizer:
+    """The tokenizer at `url` (a file, or a directory's files): copied to a scratch directory, loaded, and the
+    copy removed (both backends hold the whole tokenizer in memory once loaded)."""
+    import dataclasses
+    import tempfile
+
+    from etils import epath
+
+    remote = epath.Path(url)
+    if not remote.exists():
+        raise FileNotFoundError(f"tokenizer {url!r} not found")
+    with tempfile.TemporaryDirectory(prefix="bmx-tokenizer-") as scratch:
+        local = Path(scratch) / remote.name
+        if remote.is_file():
+            local.write_bytes(remote.read_bytes())
+        else:
+            local.mkdir()
+            for file in remote.iterdir():
+                if file.is_file():
+                    (local / file.name).write_bytes(file.read_bytes())
+        tokenizer = load_tokenizer(local)
+    return dataclasses.replace(tokenizer, source=url)

@@ -70,18 +70,12 @@ class OrderedConsole:
         self.out.flush()
 
 
-def _find_tokenizer(ckpt: Path) -> str:
-    from bmx.model.checkpoint import TOKENIZER_DIR
-    from bmx.tokenizer import MISTRAL_V01
-
-    return str(ckpt / TOKENIZER_DIR) if (ckpt / TOKENIZER_DIR).is_dir() else MISTRAL_V01
-
-
 def main(argv=None) -> int:
     enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     parser = argparse.ArgumentParser(prog="python -m bmx.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="bmx checkpoint directory")
+    parser.add_argument("--ckpt", required=True,
+                        help="a bmx, quantized or Hugging Face model directory (local or gs://)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help='JSON lines file of {"prompt": ...}')
@@ -118,8 +112,9 @@ def main(argv=None) -> int:
 
 
 def _run(args, prompts: list[str], sampling: Sampling):
+    from bmx.checkpoints import find_tokenizer, load
     from bmx.generate.text import generate
-    from bmx.model import load, unstack_layers
+    from bmx.model import unstack_layers
     from bmx.tokenizer import load_tokenizer
 
     model, _ = load(args.ckpt)
@@ -128,7 +123,7 @@ def _run(args, prompts: list[str], sampling: Sampling):
 
         model = load_peft_adapter(model, args.adapter)
     model = unstack_layers(model)  # the decoding layout, in place of the loaded one (no second copy kept)
-    tokenizer = load_tokenizer(args.tokenizer or _find_tokenizer(Path(args.ckpt)))
+    tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(args.ckpt))
     console = None if args.quiet else OrderedConsole(prompts)
     with warnings.catch_warnings():  # a truncated prompt's warning as one console line, when it happens
         warnings.simplefilter("always")

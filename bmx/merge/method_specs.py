@@ -118,7 +118,7 @@ METHODS: dict[str, MethodSpec] = {
                    base=BasePolicy.REQUIRED),
         MethodSpec("nearswap", "takes the other model's value where it is within t of the base's, blends elsewhere",
                    (ParameterSpec("t", float, Scope.SHARED),), base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2),
-        MethodSpec("arcee_fusion", "keeps the other model's changes whose importance (|delta| · row KL) is an upper outlier",
+        MethodSpec("arcee_fusion", "keeps the other model's changes whose importance (delta magnitude × row KL divergence) is an upper outlier",
                    (), base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2),
         MethodSpec("ram", "Reinforced Agent Merging: deltas unique to one model are kept, shared ones averaged",
                    (ParameterSpec("epsilon", float, Scope.SHARED, default=1e-5),), base=BasePolicy.REQUIRED),

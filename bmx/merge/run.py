@@ -1,8 +1,8 @@
 """Run a merge end to end: plan, then read, merge and write one tensor at a time.
 
 Host memory holds a few tensors at once whatever the model size: each input tensor is read
-from its memory-mapped file, merged on the chosen JAX device and appended to the output shard
-before the next is read. The output directory is built under a temporary name and renamed
+from its memory-mapped file, merged on the chosen JAX device and appended to the output shard;
+reading the next tensor, merging this one and writing the previous one overlap (three threads). The output directory is built under a temporary name and renamed
 when complete, so a failed merge leaves nothing that looks finished.
 """
 
@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,9 +135,15 @@ def _write_tensors(plan: MergePlan, models, staging: Path, device, max_shard_byt
     specs = [TensorSpec(t.name, t.shape, t.out_dtype) for t in plan.tensors]
     writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes, metadata={"merged_by": "bmx.merge", "merge_method": plan.method.name})
     total = sum(spec.nbytes for spec in specs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({plan.method.name})") as progress:
-        for tensor_plan, spec in zip(plan.tensors, specs):
-            inputs = _read_inputs(tensor_plan, models, device, vocabulary)
+    # The next tensor's inputs are read (page faults, host -> device copies) on a thread while this one
+    # merges; the writer's own thread writes the previous one: at most three tensors in flight.
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader")
+    read = lambda index: reader.submit(_read_inputs, plan.tensors[index], models, device, vocabulary)  # noqa: E731
+    pending = read(0) if plan.tensors else None
+    with reader, tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({plan.method.name})") as progress:
+        for index, (tensor_plan, spec) in enumerate(zip(plan.tensors, specs)):
+            inputs = pending.result()
+            pending = read(index + 1) if index + 1 < len(plan.tensors) else None
             merged, slerp_record = merge_tensor(plan.method, tensor_plan, inputs, drop_masks)
             writer.write(tensor_plan.name, np.asarray(merged.astype(tensor_plan.out_dtype)))
             del inputs, merged

@@ -8,7 +8,8 @@ __all__ = ["MistralConfig", "Mistral", "KVCache", "PRESETS", "REMAT_POLICIES", "
 
 
 def load(ckpt_dir, dtype=None, **kwargs):
-    """Load a bmx checkpoint: `(model, config)`. See `bmx.model.checkpoint.load`."""
+    """Load a bmx float checkpoint: `(model, config)`. See `bmx.model.checkpoint.load`; for any kind of
+    checkpoint (quantized, Hugging Face, `gs://`), `bmx.checkpoints.load`."""
     from bmx.model.checkpoint import load as _load
 
     return _load(ckpt_dir, dtype=dtype, **kwargs)

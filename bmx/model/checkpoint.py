@@ -125,18 +125,40 @@ def read_config(directory: str | os.PathLike) -> MistralConfig:
         hint = " (it looks like a Hugging Face directory: run `python -m bmx.convert hf-to-bmx` first)" if (
             Path(directory) / "config.json").is_file() else ""
         raise FileNotFoundError(f"{path} not found: {directory} is not a complete bmx checkpoint{hint}")
-    metadata = json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}): a damaged bmx checkpoint") from None
+    if not isinstance(metadata, dict):
+        metadata = {"format": metadata}
     if metadata.get("format") != "bmx" or metadata.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {metadata.get('format')!r} "
                          f"version {metadata.get('version')!r} (expected bmx version {FORMAT_VERSION})")
-    return MistralConfig.from_dict(metadata["model"])
+    try:
+        return MistralConfig.from_dict(metadata["model"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: bad model architecture ({error})") from None
 
 
 def params_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """Nested dict of the stored arrays' metadata (shape, dtype) without reading any data."""
-    metadata = ocp.PyTreeCheckpointer().metadata(absolute(Path(directory) / PARAMS_DIR))
+    params_dir = absolute(Path(directory) / PARAMS_DIR)
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(params_dir)
+    except Exception as error:  # noqa: BLE001 - orbax raises many types; all mean "damaged"
+        raise ValueError(f"{params_dir}: unreadable parameter metadata ({_first_line(error)}): a damaged "
+                         "bmx checkpoint") from None
     tree = getattr(metadata, "item_metadata", metadata)
-    return getattr(tree, "tree", tree)
+    tree = getattr(tree, "tree", tree)
+    if not jax.tree.leaves(tree):  # orbax only warns when the metadata files are missing
+        raise ValueError(f"{params_dir}: no parameters found (missing or damaged metadata): a damaged or "
+                         "incomplete bmx checkpoint")
+    return tree
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def read_params(directory: str | os.PathLike, target: dict[str, Any] | None = None,
@@ -157,7 +179,11 @@ def read_params(directory: str | os.PathLike, target: dict[str, Any] | None = No
         return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=dtype or leaf.dtype)
 
     args = ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(restore_args, target), partial_restore=True)
-    return checkpointer.restore(path, args=args)
+    try:
+        return checkpointer.restore(path, args=args)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # tensorstore reports damaged files as ValueError
+        raise ValueError(f"{path}: cannot read the parameters ({_first_line(error)}): a damaged bmx "
+                         "checkpoint") from None
 
 
 def open_param(directory: str | os.PathLike, keys: tuple[str, ...]):
@@ -172,7 +198,8 @@ def open_param(directory: str | os.PathLike, keys: tuple[str, ...]):
     return ts.open(spec.json, context=tensorstore_utils.get_ts_context(use_ocdbt=stored.get("use_ocdbt", True))).result()
 
 
-def _default_compute_dtype():
+def default_compute_dtype():
+    """What a loaded model computes in unless told: bfloat16 on GPU/TPU, float32 on CPU."""
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
 
 
@@ -182,32 +209,29 @@ def load(ckpt_dir: str | os.PathLike, dtype=None, *, compute_dtype=None, remat: 
 
     `dtype`: parameter dtype (default: as stored). `compute_dtype`: bfloat16 on GPU/TPU, float32 on
     CPU by default. `shardings`: optional nested dict of `jax.sharding.Sharding`s per parameter.
-    A quantized checkpoint (written by `bmx.quant`) loads as its quantized model.
+    Quantized checkpoints and Hugging Face directories load through `bmx.checkpoints.load`.
     """
     config = read_config(ckpt_dir)
     if "quantization" in json.loads((Path(ckpt_dir) / METADATA_FILE).read_text()):
-        if shardings is not None:
-            raise ValueError(f"{ckpt_dir}: a quantized checkpoint loads replicated; shardings are not supported")
-        from bmx.quant.checkpoint import load_quantized
-
-        return load_quantized(ckpt_dir, dtype, compute_dtype=compute_dtype, remat=remat)
+        raise ValueError(f"{ckpt_dir}: a quantized checkpoint; load it with `bmx.checkpoints.load`")
     stored = params_metadata(ckpt_dir)
     param_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(jax.tree.leaves(stored)[0].dtype)
-    compute_dtype = compute_dtype or _default_compute_dtype()
+    compute_dtype = compute_dtype or default_compute_dtype()
     abstract_model = nnx.eval_shape(lambda: Mistral(config, dtype=compute_dtype, param_dtype=param_dtype,
                                                     remat=remat))
     graph, abstract_state = nnx.split(abstract_model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract_state.to_pure_dict())
     if shardings is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
-    _check_same_structure(ckpt_dir, target, stored)
+    check_same_structure(ckpt_dir, target, stored)
     restored = read_params(ckpt_dir, target, dtype=param_dtype)
     restored = jax.tree.map(jnp.asarray, restored)
     abstract_state.replace_by_pure_dict(restored)
     return nnx.merge(graph, abstract_state), config
 
 
-def _check_same_structure(ckpt_dir, expected: dict, stored: dict) -> None:
+def check_same_structure(ckpt_dir, expected: dict, stored: dict) -> None:
+    """Refuse `stored` arrays (named `ckpt_dir` in errors) whose names or shapes differ from `expected`'s."""
     expected_shapes = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
     stored_shapes = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(stored)}
     for name in sorted(set(expected_shapes) | set(stored_shapes)):
@@ -228,11 +252,11 @@ def model_from_params(config: MistralConfig, params: dict[str, Any], *, compute_
     so a sharded model never exists whole on one device. `source` names the arrays in errors.
     """
     param_dtype = jnp.dtype(params["model"]["embed_tokens"]["weight"].dtype)
-    compute_dtype = compute_dtype or _default_compute_dtype()
+    compute_dtype = compute_dtype or default_compute_dtype()
     graph, abstract_state = nnx.split(nnx.eval_shape(
         lambda: Mistral(config, dtype=compute_dtype, param_dtype=param_dtype, remat=remat)))
     expected = abstract_state.to_pure_dict()
-    _check_same_structure(source, expected, params)
+    check_same_structure(source, expected, params)
     if shardings is None:
         placed = jax.tree.map(jnp.asarray, params)
     else:

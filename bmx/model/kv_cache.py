@@ -12,6 +12,9 @@ per row (they count real tokens only), kept in `next_position`.
 
 Each layer has its own keys and values array (a tuple over layers, not one stacked array), so that
 a decode step writes one slot of each in place and reads it without slicing a copy out of a stack.
+Slots are the last axis, `[batch, kv_heads, head_dim, slots]`: the layout XLA:CPU's products of a
+query with the keys and of the probabilities with the values read, which it otherwise made by
+transposing the whole buffer at every step.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ EMPTY = -1  # key_index of a slot holding nothing a query may attend to
 
 @struct.dataclass
 class KVCache:
-    keys: tuple[jax.Array, ...]  # per layer [batch, slots, kv_heads, head_dim]
-    values: tuple[jax.Array, ...]  # per layer [batch, slots, kv_heads, head_dim]
+    keys: tuple[jax.Array, ...]  # per layer [batch, kv_heads, head_dim, slots]
+    values: tuple[jax.Array, ...]  # per layer [batch, kv_heads, head_dim, slots]
     key_index: jax.Array  # [batch, slots] int32: sequence index held by each slot, EMPTY if none
     next_index: jax.Array  # [] int32: the padded-batch index the next token is written at
     next_position: jax.Array  # [batch] int32: the rotary position of each row's next token
@@ -37,7 +40,7 @@ class KVCache:
     @classmethod
     def empty(cls, config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
         """A cache for `batch` rows of `slots` slots (`cache_slots`), before the prompt."""
-        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, config.head_dim, slots)
         layers = config.num_hidden_layers
         return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
                    tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
@@ -71,13 +74,14 @@ def prompt_key_index(key_is_valid: jax.Array, slots: int) -> jax.Array:
 
 def store_prompt(buffer: jax.Array, prompt_keys: jax.Array) -> jax.Array:
     """One layer's prompt keys (or values) `[batch, prompt, kv_heads, head_dim]` written into its `buffer`."""
-    kept, slot_of = prompt_slot_layout(prompt_keys.shape[1], buffer.shape[1])
-    return buffer.at[:, slot_of].set(prompt_keys[:, kept].astype(buffer.dtype))
+    kept, slot_of = prompt_slot_layout(prompt_keys.shape[1], buffer.shape[-1])
+    return buffer.at[..., slot_of].set(prompt_keys[:, kept].transpose(0, 2, 3, 1).astype(buffer.dtype))
 
 
 def store_step(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Write one step's keys (or values) `[batch, 1, kv_heads, head_dim]` for sequence `index` into its slot."""
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), index % buffer.shape[1], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new.transpose(0, 2, 3, 1).astype(buffer.dtype),
+                                               index % buffer.shape[-1], axis=3)
 
 
 def step_key_index(key_index: jax.Array, index: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 
     from bmx.quant import quantize, save_quantized, export_hf, import_hf
     quantize(model, "awq", calib_tokens=tokens)          # in place: linears become QuantizedLinear
-    save_quantized(model, "ckpt/awq")                    # loads back with bmx.model.load
+    save_quantized(model, "ckpt/awq")                    # loads back with bmx.checkpoints.load
 """
 
 from bmx.quant.checkpoint import load_quantized, save_quantized

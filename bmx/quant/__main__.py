@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from bmx.quant.schemes import METHODS
-
 from bmx.compile_cache import enable_compile_cache
+
 EXPORT_DIR_NAME = "hf_quantized"  # default place of --export-hf inside --out
 
 
@@ -49,13 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
     args = parse_args(argv)
     try:
         return run(args)
     except (ValueError, OSError) as error:  # bad input or a full disk: one line, no traceback
         print(f"bmx.quant: error: {error}", file=sys.stderr)
         return 2
-    enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if quantization_metadata(args.ckpt) is not None:  # re-export an already quantized checkpoint
         if not args.export_hf:
             raise ValueError(f"{args.ckpt} is already quantized: give --export-hf DIR to write its HF layout")
-        from bmx.model import load
+        from bmx.checkpoints import load
 
         export_hf(load(args.ckpt)[0], args.export_hf, source=args.ckpt, progress=progress,
                   export_format=args.export_format)

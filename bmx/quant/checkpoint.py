@@ -6,8 +6,8 @@
                           linear, its packed arrays stacked over layers
     tokenizer/, hf/       carried over from the source checkpoint
 
-`bmx.model.load` sees the `quantization` entry and hands the directory to `load_quantized`, so a
-quantized checkpoint loads wherever a float one does (`bmx.eval`, the benchmarks).
+`bmx.checkpoints.load` sees the `quantization` entry and hands the directory to `load_quantized`, so a
+quantized checkpoint loads wherever a float one does (`bmx.eval`, `bmx.generate`, the benchmarks).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmx.checkpoints import QUANTIZATION_KEY, register_loader
 from bmx.convert.safetensors_io import atomic_output_dir
 from bmx.model.checkpoint import METADATA_FILE, params_metadata, read_config, read_params, write_checkpoint
 from bmx.model.config import MistralConfig
@@ -31,7 +32,6 @@ from bmx.quant.layers import QuantizedLinear
 from bmx.quant.model import LINEAR_PATHS, is_quantized, linear_at, parent_and_name
 from bmx.quant.schemes import Scheme, scheme_from_dict, scheme_to_dict
 
-QUANTIZATION_KEY = "quantization"
 CARRIED_DIRS = ("tokenizer", "hf")  # from the float checkpoint: tokenizer files, HF config sidecar
 
 
@@ -125,10 +125,10 @@ def model_from_arrays(config: MistralConfig, scheme: Scheme, params: dict, *, dt
 
 
 def _abstract_model(config, scheme, stored, dtype, compute_dtype, remat):
-    from bmx.model.checkpoint import _default_compute_dtype
+    from bmx.model.checkpoint import default_compute_dtype
 
     param_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(stored["model"]["embed_tokens"]["weight"].dtype)
-    compute_dtype = compute_dtype or _default_compute_dtype()
+    compute_dtype = compute_dtype or default_compute_dtype()
     abstract = nnx.eval_shape(lambda: quantized_skeleton(config, scheme, stored, param_dtype=param_dtype,
                                                          compute_dtype=compute_dtype, remat=remat))
     return nnx.split(abstract)
@@ -142,3 +142,12 @@ def _check_stored_shapes(ckpt_dir, expected: dict, stored: dict) -> None:
         if want.get(name) != have.get(name):
             raise ValueError(f"{ckpt_dir}: parameter {name} is stored with shape {have.get(name)}, "
                              f"the config and quantization scheme imply {want.get(name)}")
+
+
+def _load_registered(path, *, dtype, compute_dtype, remat, shardings) -> tuple[Mistral, MistralConfig]:
+    if shardings is not None:
+        raise ValueError(f"{path}: a quantized checkpoint loads replicated; shardings are not supported")
+    return load_quantized(path, dtype, compute_dtype=compute_dtype, remat=remat)
+
+
+register_loader("quantized", _load_registered)

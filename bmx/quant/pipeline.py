@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bmx.model.checkpoint import METADATA_FILE
+from bmx.checkpoints import checkpoint_kind, load
 from bmx.model.mistral import Mistral
 from bmx.quant.calibration import DEFAULT_SEQ_LEN, DEFAULT_SEQUENCES, calibration_tokens, layer_by_layer
 from bmx.quant.int8 import OUTLIER_THRESHOLD, outlier_columns_from
 from bmx.quant.model import quantize_model
 from bmx.quant.schemes import make_scheme
+from bmx.quant.streaming import can_stream, stream_quantize
 
 
 def load_float_model(ckpt: str | os.PathLike, compute_dtype=None) -> Mistral:
-    """A float model from a bmx checkpoint or a Hugging Face directory (converted on the fly)."""
-    from bmx.model import load
-
-    ckpt = Path(ckpt)
-    if (ckpt / METADATA_FILE).is_file():
-        return load(ckpt, compute_dtype=compute_dtype)[0]
-    if (ckpt / "config.json").is_file():
-        from bmx.convert import hf_to_bmx
-
-        with tempfile.TemporaryDirectory(prefix="bmx-quant-") as scratch:
-            return load(hf_to_bmx(ckpt, Path(scratch) / "ckpt"), compute_dtype=compute_dtype)[0]
-    raise FileNotFoundError(f"--ckpt {ckpt}: neither a bmx checkpoint ({METADATA_FILE}) nor a Hugging Face "
-                            "model directory (config.json)")
+    """A float model from a bmx checkpoint or a Hugging Face directory (read in memory), local or `gs://`."""
+    if checkpoint_kind(ckpt) == "quantized":
+        raise ValueError(f"--ckpt {ckpt} is already quantized: quantize its float source instead")
+    return load(ckpt, compute_dtype=compute_dtype)[0]
 
 
 def find_outlier_columns(model: Mistral, tokens: np.ndarray, threshold: float = OUTLIER_THRESHOLD,
@@ -143,11 +134,16 @@ def quantize_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, method:
         refuse_existing_output(export_hf)
     if method == "awq" and calib is None:
         raise ValueError("awq needs calibration tokens (--calib DATA_DIR: a `python -m bmx.data prepare` output)")
+    kind = checkpoint_kind(ckpt)
+    if export_hf is None and kind == "bmx" and can_stream(method, calib, outlier_threshold):
+        # Round-to-nearest needs only each weight: quantize layer by layer, never holding the float model.
+        return stream_quantize(ckpt, out, make_scheme(method, group_size=group_size, blocksize=blocksize,
+                                                      double_quant=double_quant))
     tokens = calibration_tokens(calib, calib_samples, calib_seq_len) if calib is not None else None
     # AWQ ranks its candidates by small differences in block output error: computed in float32, not bfloat16.
     model = load_float_model(ckpt, compute_dtype=jnp.float32 if method == "awq" else None)
     quantize(model, method, group_size=group_size, blocksize=blocksize, double_quant=double_quant,
              calib_tokens=tokens, outlier_threshold=outlier_threshold, duo_scaling=duo_scaling, progress=progress)
-    source = ckpt if (Path(ckpt) / METADATA_FILE).is_file() else None
+    source = ckpt if kind == "bmx" else None
     write_outputs(model, out, source=source, export_dir=export_hf, progress=progress, export_format=export_format)
     return Path(out)

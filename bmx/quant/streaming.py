@@ -16,7 +16,13 @@ from flax import nnx
 
 from bmx.convert.contiguous import contiguous_copy
 from bmx.convert.safetensors_io import atomic_output_dir
-from bmx.model.checkpoint import LazyArray, open_param, params_metadata, read_config, write_checkpoint
+from bmx.model.checkpoint import (
+    LazyArray,
+    open_param,
+    params_metadata,
+    read_config,
+    write_checkpoint,
+)
 from bmx.model.mistral import Mistral
 from bmx.quant.checkpoint import finish_quantized_dir
 from bmx.quant.model import LINEAR_PATHS, kernel_to_hf, linear_at, quantize_abstractly

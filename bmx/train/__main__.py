@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_config(RunConfig, args.config, args.overrides)
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:  # ValueError: a section's own check (e.g. lora)
         print(f"config error: {error}", file=sys.stderr)
         return 2
     if args.export_hf:
@@ -34,8 +34,22 @@ def main(argv=None) -> int:
     initialize(config.distributed)  # before anything touches a device
     from bmx.train.loop import train
 
-    train(config)
+    try:
+        train(config)
+    except ConfigError as error:  # found once the data and the devices are known
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # bad data or checkpoints, a full disk, a read-only run_dir
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:  # without the "[Errno N]" prefix
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -138,10 +138,10 @@ def aot_run_config(config: RunConfig) -> RunConfig:
         raise ValueError("AOT compilation reads no data: set train.seq_len (e.g. train.seq_len=2048)")
     config.data.path = None
     if config.init.from_ is not None and config.model.preset is None:
-        from bmx.model.checkpoint import read_config
+        from bmx.checkpoints import read_model_config
 
         try:
-            architecture = read_config(config.init.from_)
+            architecture = read_model_config(config.init.from_)
         except (OSError, ValueError) as error:
             raise ValueError(f"init.from {config.init.from_} cannot be read here ({error}); name its "
                              "architecture instead, e.g. model.preset=mistral-7b-v0.1") from error

@@ -8,6 +8,7 @@ interrupted save is never listed; a listed step that fails to restore is skipped
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -48,7 +49,78 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state, loader_st
         loader=ocp.args.JsonSave(loader_state),
         meta=ocp.args.JsonSave({**meta, "step": step}),
     )
-    return manager.save(step, args=args, force=force)
+    with naming_write_failures(manager.directory):
+        return manager.save(step, args=args, force=force)
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    with naming_write_failures(manager.directory):
+        manager.wait_until_finished()
+
+
+class naming_write_failures:
+    """A failed (possibly earlier, asynchronous) save surfaces as one OSError naming the directory.
+
+    Orbax reports a full disk as a ValueError from tensorstore deep in a background thread; the last
+    complete checkpoint is untouched (saves commit by rename), so the run can be resumed.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None or not issubclass(exc_type, Exception) or isinstance(exc, OSError):
+            return
+        text = str(exc)
+        full = "No space left on device" in text or "os_error_code='28'" in text
+        reason = "no space left on device" if full else text.splitlines()[0][:300]
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      f"writing a checkpoint to {self.directory} failed ({reason}); the newest complete "
+                      "checkpoint is kept: free space and re-run the same command to resume from it") from exc
+
+
+def close_quietly(manager: ocp.CheckpointManager) -> None:
+    """After a failure: let background saves finish or fail, so that exiting does not abort mid-write."""
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001 - the failure being handled is the one to report
+        pass
+
+
+# What decides the shapes of a run's checkpoints and data stream: a resumed run must keep them.
+STRUCTURE_KEYS = ("task", "model.preset", "model.overrides", "model.param_dtype", "init.from",
+                  "train.global_batch_size", "train.seq_len", "lora.rank", "lora.targets", "lora.base_quantization")
+
+
+def run_structure(config: dict) -> dict[str, Any]:
+    """The values of `STRUCTURE_KEYS` in a resolved config dict, plus whether the optimizer clips
+    (clipping adds a state to the optimizer chain)."""
+    structure = {}
+    for key in STRUCTURE_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        structure[key] = list(node) if isinstance(node, tuple) else node
+    clip = (config.get("optimizer") or {}).get("clip_norm")
+    structure["optimizer.clip_norm > 0"] = clip is not None and clip > 0
+    if structure["task"] != "sft":  # adapters exist only in fine-tuning runs
+        for key in ("lora.rank", "lora.targets", "lora.base_quantization"):
+            structure.pop(key)
+    return structure
+
+
+def structure_changes(saved: dict, current: dict) -> list[str]:
+    """`key: old → new` for each structural difference between two resolved configs."""
+    old, new = run_structure(saved), run_structure(current)
+    return [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+class RunMismatch(ValueError):
+    """The run directory holds a run whose model, data or optimizer shape differs from the config's."""
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -62,9 +134,31 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     return target
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_params, abstract_opt_state) -> tuple[int, Any, Any, dict, dict] | None:
-    """(step, params, opt_state, loader_state, meta) of the newest checkpoint that restores, or None."""
+def _check_meta(manager: ocp.CheckpointManager, step: int, expected_meta: dict) -> None:
+    """Refuse a readable checkpoint of another architecture or run shape: it is not corrupt, the
+    config changed, and quarantining it would throw the run away."""
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # noqa: BLE001 - unreadable: the full restore below fails and quarantines it
+        return
+    changes = [f"model.{key}: {value!r} → {expected_meta['model'].get(key)!r}"
+               for key, value in sorted((meta.get("model") or {}).items()) if expected_meta["model"].get(key) != value]
+    changes += structure_changes(meta.get("config") or {}, expected_meta["config"])
+    if changes:
+        raise RunMismatch(f"the checkpoint at step {step} in {manager.directory} is of another run shape "
+                          f"({'; '.join(changes)}); resume with the config it was made with, or set a new run_dir")
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_params, abstract_opt_state,
+                   expected_meta: dict | None = None) -> tuple[int, Any, Any, dict, dict] | None:
+    """(step, params, opt_state, loader_state, meta) of the newest checkpoint that restores, or None.
+
+    With `expected_meta` ({"config", "model"}), a readable checkpoint of another shape is a
+    `RunMismatch`; only checkpoints that cannot be read are skipped and quarantined.
+    """
     for step in sorted(manager.all_steps(), reverse=True):
+        if expected_meta is not None:
+            _check_meta(manager, step, expected_meta)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+from bmx.config_io import ConfigError
 from bmx.distributed import DistributedConfig
 from bmx.lora.config import LoRAConfig
 from bmx.train.checkpointing import CheckpointConfig
@@ -77,3 +79,86 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapters trained when task is sft
     export_hf: str | None = None  # write the final model as a Hugging Face directory here
+
+    def __post_init__(self) -> None:  # at load time, so a bad value never reaches the 13 s of setup
+        check_ranges(self)
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _non_negative(value) -> bool:
+    return value >= 0
+
+
+def _mesh_size(value) -> bool:
+    return value >= 1 or value == -1
+
+
+# Every numeric field of the run config and the values it accepts (None, where a field allows it,
+# is always accepted). A new numeric field needs a line here: tests/train/test_hardening.py checks.
+NUMERIC_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "data.seed": ("≥ 0", _non_negative),
+    "data.num_epochs": ("≥ 1", _positive),
+    **{f"mesh.{axis}": ("≥ 1, or -1 for the remaining devices", _mesh_size)
+       for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp")},
+    "optimizer.learning_rate": ("> 0", _positive),
+    "optimizer.b1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optimizer.b2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optimizer.eps": ("> 0", _positive),
+    "optimizer.weight_decay": ("≥ 0", _non_negative),
+    "optimizer.clip_norm": ("a number (≤ 0 disables clipping)", math.isfinite),
+    "schedule.warmup_steps": ("≥ 0", _non_negative),
+    "schedule.final_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "train.steps": ("≥ 1", _positive),
+    "train.global_batch_size": ("≥ 1", _positive),
+    "train.grad_accumulation": ("≥ 1", _positive),
+    "train.z_loss": ("≥ 0", _non_negative),
+    "train.seq_len": ("≥ 2 (a token and its target)", lambda v: v >= 2),
+    "train.loss_vocab_chunk": ("≥ 0 (0: the full logits)", _non_negative),
+    "train.eval_every": ("≥ 0 (0: never)", _non_negative),
+    "train.eval_batches": ("≥ 1", _positive),
+    "checkpoint.every": ("≥ 1", _positive),
+    "checkpoint.keep": ("≥ 1", _positive),
+    "logging.every": ("≥ 1", _positive),
+    "logging.peak_flops": ("> 0", _positive),
+    "init.seed": ("≥ 0", _non_negative),
+    "distributed.num_processes": ("≥ 1", _positive),
+    "distributed.process_id": ("≥ 0", _non_negative),
+    "distributed.heartbeat_timeout_seconds": ("≥ 1", _positive),
+    "distributed.initialization_timeout_seconds": ("≥ 1", _positive),
+    "lora.rank": ("≥ 1", _positive),
+    "lora.alpha": ("> 0", _positive),
+    "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def numeric_fields(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Dotted key → value of every int or float leaf (not bools) of a nested config dict."""
+    found = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found.update(numeric_fields(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[prefix + key] = value
+    return found
+
+
+def check_ranges(config: RunConfig) -> None:
+    """Refuse out-of-range numbers with a `ConfigError` naming the key (`train.steps: -3 is out of range`)."""
+    from bmx.config_io import to_dict
+
+    for key, value in numeric_fields(to_dict(config)).items():
+        expected, accepts = NUMERIC_RANGES.get(key, (None, None))
+        if accepts is not None and not (math.isfinite(value) and accepts(value)):
+            raise ConfigError(f"{key}: {value!r} is out of range (expected {expected})")
+    train, schedule = config.train, config.schedule
+    if schedule.warmup_steps > train.steps:
+        raise ConfigError(f"schedule.warmup_steps: {schedule.warmup_steps} is more than train.steps {train.steps}")
+    if train.global_batch_size % train.grad_accumulation:
+        raise ConfigError(f"train.global_batch_size: {train.global_batch_size} is not a multiple of "
+                          f"train.grad_accumulation {train.grad_accumulation}")
+    processes, process_id = config.distributed.num_processes, config.distributed.process_id
+    if processes is not None and process_id is not None and process_id >= processes:
+        raise ConfigError(f"distributed.process_id: {process_id} is not below distributed.num_processes {processes}")

@@ -5,6 +5,7 @@ Reading order: `train` is the whole story; `bmx.train.setup.build` makes everyth
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -18,9 +19,10 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from bmx.config_io import to_dict
+from bmx.config_io import ConfigError, to_dict
 from bmx.data.loader import count_sequences, make_loader
-from bmx.model.checkpoint import read_params, write_checkpoint
+from bmx.checkpoints import read_params
+from bmx.model.checkpoint import write_checkpoint
 from bmx.model.config import MistralConfig
 from bmx.train import checkpointing
 from bmx.train.config import RunConfig
@@ -77,14 +79,26 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
     """
     run_dir = epath.Path(config.run_dir)  # local or an object store (gs://…)
     resolved = _check_and_record(config, run_dir)
-    setup = build(config, devices)
-    manager = checkpointing.make_manager(run_dir, config.checkpoint)
+    # The loader checks its shards against the manifest: a stale shard is refused before the setup.
     loader = make_loader(config.data.path, split="train", global_batch_size=config.train.global_batch_size,
                          seed=config.data.seed, num_epochs=config.data.num_epochs)
-    step, params, opt_state, frozen = _starting_state(config, setup, manager, loader)
-    frozen_args = () if frozen is None else (frozen,)  # sft: the base model, an argument of every step
-    reporter = _Reporter(config, setup, run_dir, step)
+    setup = build(config, devices)
+    manager = checkpointing.make_manager(run_dir, config.checkpoint)
     meta = {"config": resolved, "model": setup.model_config.to_dict()}
+    try:
+        return _train_steps(config, setup, manager, loader, run_dir, meta)
+    except BaseException:
+        checkpointing.close_quietly(manager)  # background saves end before the process does
+        raise
+
+
+def _train_steps(config: RunConfig, setup, manager, loader, run_dir: epath.Path, meta: dict) -> dict[str, Any]:
+    step, params, opt_state, frozen = _starting_state(config, setup, manager, loader, meta)
+    frozen_args = () if frozen is None else (frozen,)  # sft: the base model, an argument of every step
+    if jax.process_index() == 0:
+        _record_config(run_dir, meta["config"])
+    _keep_superseded_metrics(run_dir, step)
+    reporter = _Reporter(config, setup, run_dir, step)
     with _StopRequest() as stop:
         try:
             while step < config.train.steps:
@@ -105,31 +119,77 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
                                    "process probably died or was preempted (see its log)") from error
             raise
     reporter.close()
-    manager.wait_until_finished()
+    checkpointing.wait_until_finished(manager)
     if not stop.requested and step >= config.train.steps:
         if frozen is not None:
             params = _merge_adapters(setup, config, params, frozen, run_dir / "adapter")
-        _write_final_model(run_dir, setup.model_config, params, config.export_hf)
+        with checkpointing.naming_write_failures(run_dir / "model"):
+            _write_final_model(run_dir, setup.model_config, params, config.export_hf)
     return {"step": step, **reporter.last}
 
 
 def _check_and_record(config: RunConfig, run_dir: epath.Path) -> dict[str, Any]:
-    """Refuse a config that cannot run; print the resolved config and save it in the run directory."""
-    if config.data.path is None:
-        raise ValueError("data.path is not set: point it at a directory made by `python -m bmx.data prepare`")
+    """Refuse a config that cannot run, or that would change the shape of the run already in `run_dir`;
+    print the resolved config and save it in the run directory."""
+    if not config.data.path:
+        raise ConfigError("data.path: not set; point it at a directory made by `python -m bmx.data prepare`")
+    train_sequences = count_sequences(config.data.path, "train")  # the manifest's absence names its path
+    if train_sequences == 0:
+        raise ConfigError(f"data.path: the train split of {config.data.path} holds 0 sequences (too few tokens "
+                          "for its seq_len, or every input was rejected: see its manifest.json)")
+    if config.data.num_epochs is not None:
+        batches = train_sequences * config.data.num_epochs // config.train.global_batch_size
+        if batches < config.train.steps:
+            raise ConfigError(f"train.steps: {config.train.steps} steps need more global batches than "
+                              f"data.num_epochs={config.data.num_epochs} of {train_sequences} sequences give "
+                              f"({batches} of {config.train.global_batch_size})")
     if config.train.eval_every and count_sequences(config.data.path, "validation") < config.train.global_batch_size:
-        raise ValueError(f"train.eval_every is set but the validation split of {config.data.path} has fewer than "
-                         f"train.global_batch_size={config.train.global_batch_size} sequences; prepare the data "
-                         "with a larger --val-fraction or set train.eval_every=0")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"train.eval_every: set, but the validation split of {config.data.path} has fewer than "
+                          f"train.global_batch_size={config.train.global_batch_size} sequences; prepare the data "
+                          "with a larger --val-fraction or set train.eval_every=0")
     resolved = to_dict(config)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and _has_history(run_dir):
+        changes = checkpointing.structure_changes(yaml.safe_load(saved.read_text()) or {}, resolved)
+        if changes:
+            raise ConfigError(f"run_dir: {run_dir} holds a run of another shape ({'; '.join(changes)}); re-run it "
+                              "with the config it was started with, or set a new run_dir")
     if jax.process_index() == 0:
         print("resolved config:\n" + yaml.safe_dump(resolved, sort_keys=False), flush=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        if not saved.exists():  # else rewritten once the checkpoints are known to be of this shape
+            _record_config(run_dir, resolved)
     return resolved
 
 
-def _starting_state(config: RunConfig, setup, manager, loader) -> tuple[int, Any, Any, Any]:
+def _record_config(run_dir: epath.Path, resolved: dict[str, Any]) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    except OSError as error:
+        raise OSError(error.errno, f"run_dir {run_dir} is not writable ({error.strerror or error})") from None
+
+
+def _has_history(run_dir: epath.Path) -> bool:
+    """Whether a run already got somewhere here: logged steps or checkpoints."""
+    checkpoints = run_dir / "checkpoints"
+    return (run_dir / "metrics.jsonl").exists() or (checkpoints.exists() and any(checkpoints.iterdir()))
+
+
+def _keep_superseded_metrics(run_dir: epath.Path, step: int) -> None:
+    """Before the metrics writer drops lines past the step training restarts from, keep the whole file
+    aside: history is never lost, even when no checkpoint could be restored."""
+    metrics = run_dir / "metrics.jsonl"
+    if jax.process_index() != 0 or not metrics.exists():
+        return
+    text = metrics.read_text()
+    steps = [json.loads(line).get("step", 0) for line in text.splitlines() if line.strip()]
+    if any(logged > step for logged in steps):
+        kept = run_dir / f"metrics.until-step-{max(steps)}.{int(time.time())}.jsonl"
+        kept.write_text(text)
+        log.warning("restarting at step %d: the metrics logged past it are kept in %s", step, kept)
+
+
+def _starting_state(config: RunConfig, setup, manager, loader, meta: dict) -> tuple[int, Any, Any, Any]:
     """(step, params, opt_state, frozen): resumed from the newest good checkpoint, else initialised from
     `init.from` or from scratch. `frozen` is the base model under LoRA adapters (sft), else None."""
     param_dtype = jnp.dtype(config.model.param_dtype)
@@ -137,7 +197,7 @@ def _starting_state(config: RunConfig, setup, manager, loader) -> tuple[int, Any
     if setup.attach_adapters is not None:  # the base is re-read on every (re)start: checkpoints hold adapters
         base = read_params(config.init.from_, setup.abstract_base, dtype=param_dtype)
         initial_adapters, frozen = setup.attach_adapters(base)
-    restored = checkpointing.restore_latest(manager, setup.abstract_params, setup.abstract_opt_state)
+    restored = checkpointing.restore_latest(manager, setup.abstract_params, setup.abstract_opt_state, meta)
     if restored is not None:
         step, params, opt_state, loader_state, _ = restored
         loader.set_state(loader_state)

@@ -7,6 +7,7 @@ jitted train and eval steps. The training loop uses it, and so can ahead-of-time
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,8 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bmx.config_io import ConfigError
 from bmx.lora.adapters import apply_lora, merge_lora
-from bmx.model.checkpoint import read_config
+from bmx.checkpoints import read_model_config
 from bmx.model.config import MistralConfig, preset
 from bmx.model.kernels import default_attention
 from bmx.model.mistral import Mistral
@@ -56,7 +58,7 @@ def resolve_model_config(config: RunConfig) -> MistralConfig:
         if config.model.preset is not None or config.model.overrides:
             raise ValueError("model.preset/model.overrides and init.from both set: the architecture of "
                              f"{config.init.from_} is used when continuing from a checkpoint; drop model.preset")
-        return read_config(config.init.from_)
+        return read_model_config(config.init.from_)
     if config.model.preset is None:
         raise ValueError("set model.preset (e.g. tiny, mistral-7b-v0.1) or init.from (a bmx checkpoint)")
     return preset(config.model.preset, **config.model.overrides)
@@ -90,6 +92,20 @@ def loss_vocab_chunk(config: RunConfig, model_config: MistralConfig, seq_len: in
     return AUTO_CHUNK if logits_bytes > AUTO_CHUNK_ABOVE_BYTES else 0
 
 
+def _check_batch_divides(config: RunConfig, data_sharding: jax.sharding.NamedSharding) -> None:
+    """Each microbatch is split over the data-parallel devices: refuse a batch they cannot share."""
+    axes = data_sharding.spec[0] if len(data_sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    devices = math.prod(data_sharding.mesh.shape[axis] for axis in axes)
+    microbatch = config.train.global_batch_size // config.train.grad_accumulation
+    if microbatch % devices:
+        per_step = "" if config.train.grad_accumulation == 1 else (
+            f" / train.grad_accumulation {config.train.grad_accumulation} = {microbatch} per microbatch")
+        raise ConfigError(f"train.global_batch_size: {config.train.global_batch_size}{per_step} is not divisible "
+                          f"by the {devices} data-parallel devices of mesh {dict(data_sharding.mesh.shape)}; use a "
+                          f"multiple of {devices * config.train.grad_accumulation}")
+
+
 def _with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -99,6 +115,7 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
         raise ValueError(f"train.global_batch_size {config.train.global_batch_size} is not a multiple of "
                          f"train.grad_accumulation {config.train.grad_accumulation}")
     mesh, rules = make_mesh(config.mesh, devices), rules_for(config.mesh)
+    _check_batch_divides(config, batch_sharding(mesh, rules))  # before the shapes and compilation
     model_config, seq_len = resolve_model_config(config), resolve_seq_len(config)
     param_dtype, dtype = jnp.dtype(config.model.param_dtype), compute_dtype(config)
     attention = config.model.attention or default_attention(mesh.devices.flat[0].platform, dtype)

@@ -84,7 +84,7 @@ def test_bmx_checkpoint_exports_the_same_file_as_its_hf_source(tiny_bmx, exporte
 
 def test_quantized_bmx_checkpoint_is_refused(tiny_bmx, tmp_path, capsys):
     from bmx.convert.__main__ import main
-    from bmx.model import load
+    from bmx.checkpoints import load
     from bmx.quant import quantize, save_quantized
 
     quantized = save_quantized(quantize(load(tiny_bmx)[0], "rtn", group_size=64, progress=False), tmp_path / "rtn")

@@ -7,6 +7,7 @@ killed process is reclaimed by the next run.
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -184,3 +185,42 @@ def test_a_rerun_removes_staging_directories_of_dead_processes_only(tmp_path, ti
         (staging / "params").write_bytes(np.zeros(1000).tobytes())
     hf_to_bmx(tiny_hf, tmp_path / "bmx", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "bmx"])
+
+
+def damage(checkpoint, how):
+    if how == "params metadata lost":
+        for name in ("_METADATA", "_CHECKPOINT_METADATA"):
+            (checkpoint / "params" / name).unlink(missing_ok=True)
+        return checkpoint / "params"
+    if how == "bmx_checkpoint.json cut short":
+        path = checkpoint / "bmx_checkpoint.json"
+        path.write_text(path.read_text()[:40])
+        return path
+    for file in (checkpoint / "params").rglob("*"):  # the stored arrays overwritten
+        if file.is_file() and "ocdbt" in str(file) and "manifest" not in file.name:
+            file.write_bytes(b"garbage")
+    return checkpoint / "params"
+
+
+@pytest.fixture(scope="module")
+def tiny_bmx(tiny_hf, tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("bmx") / "model"
+    hf_to_bmx(tiny_hf, checkpoint, progress=False)
+    return checkpoint
+
+
+@pytest.mark.parametrize("how", ["params metadata lost", "bmx_checkpoint.json cut short", "arrays overwritten"])
+def test_a_damaged_bmx_checkpoint_is_one_line_naming_it_in_eval_and_generate(tmp_path, tiny_bmx, how, capsys,
+                                                                             shared_data):
+    from bmx.eval.__main__ import main as eval_cli
+    from bmx.generate.__main__ import main as generate_cli
+
+    checkpoint = tmp_path / "bmx"
+    shutil.copytree(tiny_bmx, checkpoint)
+    damaged = damage(checkpoint, how)
+    assert eval_cli(["--ckpt", str(checkpoint), "--tasks", "medqa", "--limit", "1", "--data-dir",
+                     str(shared_data / "eval"), "--out", str(tmp_path / "eval")]) == 2
+    assert generate_cli(["--ckpt", str(checkpoint), "--prompt", "Aspirin", "--max-new-tokens", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 2 and all(str(damaged) in line and "damaged" in line for line in errors), errors
+    assert not (tmp_path / "eval").exists()

@@ -52,7 +52,7 @@ def test_each_decode_step_gives_transformers_logits_for_the_whole_sequence(tmp_p
         tokens = jnp.asarray([[c[position]] for c in continuations])
         logits, cache = step(model, tokens, None, cache)
         steps.append(np.asarray(logits)[:, -1])
-    assert cache.keys[0].shape[1] == 8
+    assert cache.keys[0].shape[-1] == 8
     ours = np.stack(steps, axis=1)  # [batch, new_tokens, vocab]
     for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         expected = hf_logits(reference, np.asarray([prompt + continuation[:-1]]))[0, len(prompt) - 1:]

@@ -12,7 +12,7 @@ import pytest
 from quant.quant_testing import GROUP_SIZE, TINY_HF, assert_bit_equal, logits
 
 from bmx.convert.safetensors_io import SafetensorsReader
-from bmx.model import load
+from bmx.checkpoints import load
 from bmx.quant import export_hf, quantize
 from bmx.quant.model import LINEAR_PATHS, linear_at
 

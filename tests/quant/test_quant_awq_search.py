@@ -13,7 +13,8 @@ import torch
 from flax import nnx
 from quant.quant_testing import GROUP_SIZE
 
-from bmx.model import load, preset
+from bmx.checkpoints import load
+from bmx.model import preset
 from bmx.quant import awq_format
 from bmx.quant.awq import (
     LINEAR_PATHS,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bmx.model import load
+from bmx.checkpoints import load
 from bmx.quant.__main__ import main
 from bmx.quant.layers import QuantizedLinear
 from bmx.quant.model import LINEAR_PATHS, linear_at

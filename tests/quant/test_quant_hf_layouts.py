@@ -13,7 +13,7 @@ from hf_reference import hf_logits
 from quant.quant_testing import GROUP_SIZE, TINY_HF, assert_bit_equal, logits
 
 from bmx.convert.safetensors_io import SafetensorsReader
-from bmx.model import load
+from bmx.checkpoints import load
 from bmx.quant import export_hf, import_hf, quantize
 from bmx.quant.model import LINEAR_PATHS, dequantized_kernels, kernel_to_hf, linear_at
 

@@ -1,5 +1,5 @@
 """Quantized models: the forward is the dequantized float forward, memory really shrinks, checkpoints
-round-trip through `bmx.model.load`, `bmx.eval` scores them unchanged, and AWQ beats plain RTN."""
+round-trip through `bmx.checkpoints.load`, `bmx.eval` scores them unchanged, and AWQ beats plain RTN."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from quant.quant_testing import GROUP_SIZE, logits
 
-from bmx.model import load
+from bmx.checkpoints import load
 from bmx.quant import dequantize_model, parameter_bytes, quantize, save_quantized
 from bmx.quant.calibration import calibration_tokens
 from bmx.quant.layers import QuantizedArray
@@ -63,7 +63,7 @@ def test_quantized_linears_hold_only_packed_arrays(quantized, tiny_ckpt, method)
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
-def test_checkpoints_round_trip_through_bmx_model_load(quantized, tiny_ckpt, tmp_path, token_ids, method):
+def test_checkpoints_round_trip_through_the_one_loader(quantized, tiny_ckpt, tmp_path, token_ids, method):
     model = quantized[method]
     save_quantized(model, tmp_path / method, source=tiny_ckpt)
     loaded, config = load(tmp_path / method)

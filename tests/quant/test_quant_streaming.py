@@ -10,10 +10,10 @@ import torch
 from quant.quant_testing import assert_bit_equal
 
 from bmx.convert import open_checkpoint
-from bmx.model import load
+from bmx.checkpoints import load
 from bmx.model.checkpoint import METADATA_FILE, read_params
 from bmx.quant.checkpoint import save_quantized
-from bmx.quant.pipeline import quantize_checkpoint, quantize
+from bmx.quant.pipeline import quantize, quantize_checkpoint
 from bmx.quant.streaming import can_stream
 
 
@@ -25,7 +25,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tiny_ckpt, tmp_path, metho
     save_quantized(quantize(model, method, double_quant=double_quant, progress=False), tmp_path / "in_memory",
                    source=tiny_ckpt)
     streamed, in_memory = read_params(tmp_path / "streamed"), read_params(tmp_path / "in_memory")
-    flat = lambda tree, keys=(): {k: v for key, value in tree.items()  # noqa: E731
+    flat = lambda tree, keys=(): {k: v for key, value in tree.items()
                                   for k, v in (flat(value, (*keys, key)).items() if isinstance(value, dict)
                                                else [((*keys, key), value)])}
     streamed, in_memory = flat(streamed), flat(in_memory)

@@ -164,8 +164,8 @@ def test_unknown_keys_and_wrong_types_are_errors_listing_valid_keys(tmp_path):
         load_config(RunConfig, None, ["train.stepz=3"])
     with pytest.raises(ConfigError, match=r"train\.steps: expected int, got 'many'"):
         load_config(RunConfig, None, ["train.steps=many"])
-    config = load_config(RunConfig, REPO_ROOT / "configs" / "quickstart.yaml", ["train.steps=7", "init.from=/ckpt"])
-    assert config.train.steps == 7 and config.init.from_ == "/ckpt"
+    config = load_config(RunConfig, REPO_ROOT / "configs" / "quickstart.yaml", ["train.steps=17", "init.from=/ckpt"])
+    assert config.train.steps == 17 and config.init.from_ == "/ckpt"
 
 
 def test_shipped_configs_parse():
