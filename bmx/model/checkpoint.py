@@ -188,14 +188,12 @@ def read_params(directory: str | os.PathLike, target: dict[str, Any] | None = No
 
 def open_param(directory: str | os.PathLike, keys: tuple[str, ...]):
     """A tensorstore handle on one stored parameter, for reading slices (e.g. one layer) lazily."""
-    import tensorstore as ts
-    from orbax.checkpoint._src.serialization import tensorstore_utils
+    from bmx.private_api import open_orbax_array
 
     params_dir = absolute(Path(directory) / PARAMS_DIR)
     stored = json.loads((params_dir / "_METADATA").read_text())
-    spec = tensorstore_utils.ArrayReadSpec(str(params_dir), ".".join(keys), use_zarr3=stored.get("use_zarr3", False),
-                                           use_ocdbt=stored.get("use_ocdbt", True))
-    return ts.open(spec.json, context=tensorstore_utils.get_ts_context(use_ocdbt=stored.get("use_ocdbt", True))).result()
+    return open_orbax_array(str(params_dir), ".".join(keys), use_zarr3=stored.get("use_zarr3", False),
+                            use_ocdbt=stored.get("use_ocdbt", True))
 
 
 def default_compute_dtype():

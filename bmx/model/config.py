@@ -43,10 +43,6 @@ class MistralConfig:
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
 
-    @property
-    def queries_per_kv_head(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def num_parameters(self) -> int:
         embed = self.vocab_size * self.hidden_size
         attention = self.hidden_size * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)

@@ -82,10 +82,10 @@ def _hlo_cost_before_partitioning(lowered) -> dict[str, float]:
     Counting FLOPs needs no target hardware; `Lowered.cost_analysis()` would ask the compile-only TPU
     client, which has no analysis, so the CPU client counts the same HLO module.
     """
-    from jax._src.lib import _jax  # jax exposes the analysis of an HLO module only here
+    from bmx.private_api import hlo_module_cost_analysis
 
     module = lowered.compiler_ir("hlo").as_hlo_module()
-    return _jax.hlo_module_cost_analysis(jax.extend.backend.get_backend("cpu"), module)
+    return hlo_module_cost_analysis(module, jax.extend.backend.get_backend("cpu"))
 
 
 def program_cost(lowered, num_devices: int, *, compiled=None, with_bytes: bool = True, comm_model=None) -> StepCost:
