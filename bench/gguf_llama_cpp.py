@@ -88,13 +88,52 @@ def run_converters(llama_cpp: Path, work: Path, write_reference: bool) -> dict[s
     return ours
 
 
+_LLAMA_CPP_SCORES = """
+import json, sys
+from llama_cpp import Llama
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+tokens = llm.tokenize(sys.argv[3].encode(), add_bos=True)
+llm.eval(ids)
+print(json.dumps({"tokens": tokens, "scores": [list(map(float, row)) for row in llm.scores[: len(ids)]]}))
+"""
+
+
+def llama_cpp_scores(path: Path, ids: list[int]) -> dict | str:
+    """llama-cpp-python's tokens of PROMPT and logits for `ids`, run in a child process (llama.cpp's CPU
+    kernels can crash the process); on a crash, what happened."""
+    child = subprocess.run([sys.executable, "-c", _LLAMA_CPP_SCORES, str(path), json.dumps(ids), PROMPT],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        kernel = next((word for word in child.stderr.split() if word.startswith("ggml_")), "")
+        signal = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}"
+        return f"llama.cpp crashed ({signal}{', in ' + kernel if kernel else ''})"
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def dequantized_copy(quantized: Path, f32: Path, out: Path) -> Path:
+    """`f32` (bmx's float32 GGUF of the same model) with every tensor replaced by `gguf.quants.dequantize` of
+    `quantized`'s: running it shows what llama.cpp computes from the quantized values in float arithmetic,
+    which separates the runtime's reading of the blocks from the quantization error itself."""
+    import shutil
+
+    import gguf
+
+    shutil.copy(f32, out)
+    floats = {tensor.name: tensor for tensor in gguf.GGUFReader(out, "r+").tensors}
+    for tensor in gguf.GGUFReader(quantized).tensors:
+        target = floats[tensor.name]
+        target.data[...] = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(target.data.shape)
+        target.data.flush()
+    return out
+
+
 def compare_logits(model_dir: Path, work: Path) -> None:
     import numpy as np
-    from llama_cpp import Llama
 
+    from bmx.checkpoints import load
     from bmx.convert import hf_to_bmx
     from bmx.convert.gguf_export import bmx_to_gguf
-    from bmx.model import load
     from bmx.tokenizer import load_tokenizer
 
     ckpt = work / "bmx_ckpt"
@@ -104,20 +143,32 @@ def compare_logits(model_dir: Path, work: Path) -> None:
     ids = load_tokenizer(model_dir / "tokenizer.model").encode(PROMPT, add_bos=True)
     ours = np.asarray(model(np.asarray([ids], np.int32)))[0]
     print(f"\nprompt: {len(ids)} tokens; bmx float32 logits std {ours.std():.4f}")
-    print("| GGUF type | llama.cpp tokens = bmx's | max abs logit diff | diff / logit std | same argmax |")
-    print("|---|---|---:|---:|---:|")
+    print("| GGUF type | llama.cpp tokens = bmx's | max abs logit diff | diff / logit std | same argmax "
+          "| vs its dequantized weights in f32: max diff, same argmax |")
+    print("|---|---|---:|---:|---:|---|")
     for gguf_type in ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"):
         path = work / f"bmx_{gguf_type}.gguf"
         if not path.is_file():
             bmx_to_gguf(ckpt, path, gguf_type, progress=False)
-        llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-        tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[: len(ids)], np.float32)
+        result = llama_cpp_scores(path, ids)
+        if isinstance(result, str):
+            own = work / f"llama_cpp_{gguf_type}.gguf"  # the same type from llama.cpp's own converter
+            also = "" if not own.is_file() else (
+                "; so does its own converter's file" if isinstance(llama_cpp_scores(own, ids), str)
+                else "; its own converter's file runs")
+            print(f"| {gguf_type} | {result}{also} | | | | |")
+            continue
+        theirs = np.asarray(result["scores"], np.float32)
         diff = np.abs(theirs - ours).max()
         same = (theirs.argmax(-1) == ours.argmax(-1)).mean()
-        print(f"| {gguf_type} | {tokens == ids} | {diff:.2e} | {diff / ours.std():.3f} | {same:.0%} |")
-        llm.close()
+        versus_dequantized = ""
+        if gguf_type not in ("f32", "f16", "bf16"):
+            plain = llama_cpp_scores(dequantized_copy(path, work / "bmx_f32.gguf", work / f"dequantized_{gguf_type}.gguf"), ids)
+            plain = np.asarray(plain["scores"], np.float32)
+            versus_dequantized = (f"{np.abs(theirs - plain).max():.2e}, "
+                                  f"{(theirs.argmax(-1) == plain.argmax(-1)).mean():.0%}")
+        print(f"| {gguf_type} | {result['tokens'] == ids} | {diff:.2e} | {diff / ours.std():.3f} | {same:.0%} "
+              f"| {versus_dequantized} |")
 
 
 def main() -> None:
