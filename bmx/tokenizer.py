@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from bmx.paths import is_local
+
 MISTRAL_V01 = "mistral-v0.1"
 
 
@@ -81,7 +83,7 @@ def load_tokenizer(spec: str | os.PathLike = MISTRAL_V01) -> Tokenizer:
     """Load `mistral-v0.1` (default), a SentencePiece `.model` file, or an HF tokenizer dir (local or `gs://`)."""
     import sentencepiece as spm
 
-    if "://" in str(spec):
+    if not is_local(spec):
         return _load_from_object_store(str(spec))
     if str(spec) == MISTRAL_V01:
         path = mistral_v01_model_path()

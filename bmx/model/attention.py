@@ -161,9 +161,10 @@ def grouped_query_attention(q, k, v, masking: AttentionMasking, scale: float) ->
 
 
 def attention_over_cache(q, keys, values, visible, scale: float) -> jax.Array:
-    """One new query per row, q `[b, 1, k, g, d]`, against a KV cache's slots `[b, k, d, slots]`;
+    """One new query per row, q `[b, 1, k, g, d]`, against a KV cache's keys `[b, k, d, slots]` and values
+    `[b, k, slots, d]`;
     `visible [b, slots]` says which slots it sees (already causal, windowed and unpadded)."""
     scores = jnp.einsum("bskgd,bkdt->bkgt", q, keys, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probabilities = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    return jnp.einsum("bkgt,bkdt->bkgd", probabilities, values)[:, None]
+    return jnp.einsum("bkgt,bktd->bkgd", probabilities, values)[:, None]

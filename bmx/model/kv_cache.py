@@ -12,9 +12,10 @@ per row (they count real tokens only), kept in `next_position`.
 
 Each layer has its own keys and values array (a tuple over layers, not one stacked array), so that
 a decode step writes one slot of each in place and reads it without slicing a copy out of a stack.
-Slots are the last axis, `[batch, kv_heads, head_dim, slots]`: the layout XLA:CPU's products of a
-query with the keys and of the probabilities with the values read, which it otherwise made by
-transposing the whole buffer at every step.
+Keys are `[batch, kv_heads, head_dim, slots]` and values `[batch, kv_heads, slots, head_dim]`: each
+the layout of the right-hand side of a plain matrix product (query × keys, probabilities × values),
+which XLA:CPU multiplies three times faster than the transposed one (it otherwise transposed the
+whole buffer at every step).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import numpy as np
 from flax import struct
 
 EMPTY = -1  # key_index of a slot holding nothing a query may attend to
+KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2  # where the slots are in a layer's keys and values buffers
 
 
 @struct.dataclass
 class KVCache:
     keys: tuple[jax.Array, ...]  # per layer [batch, kv_heads, head_dim, slots]
-    values: tuple[jax.Array, ...]  # per layer [batch, kv_heads, head_dim, slots]
+    values: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
     key_index: jax.Array  # [batch, slots] int32: sequence index held by each slot, EMPTY if none
     next_index: jax.Array  # [] int32: the padded-batch index the next token is written at
     next_position: jax.Array  # [batch] int32: the rotary position of each row's next token
@@ -40,10 +42,11 @@ class KVCache:
     @classmethod
     def empty(cls, config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
         """A cache for `batch` rows of `slots` slots (`cache_slots`), before the prompt."""
-        shape = (batch, config.num_key_value_heads, config.head_dim, slots)
+        keys = (batch, config.num_key_value_heads, config.head_dim, slots)
+        values = (batch, config.num_key_value_heads, slots, config.head_dim)
         layers = config.num_hidden_layers
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+        return cls(tuple(jnp.zeros(keys, dtype) for _ in range(layers)),
+                   tuple(jnp.zeros(values, dtype) for _ in range(layers)),
                    jnp.full((batch, slots), EMPTY, jnp.int32), jnp.int32(0), jnp.zeros((batch,), jnp.int32))
 
     @property
@@ -72,16 +75,22 @@ def prompt_key_index(key_is_valid: jax.Array, slots: int) -> jax.Array:
     return jnp.full((key_is_valid.shape[0], slots), EMPTY, jnp.int32).at[:, slot_of].set(indices)
 
 
-def store_prompt(buffer: jax.Array, prompt_keys: jax.Array) -> jax.Array:
+def _to_buffer_layout(x: jax.Array, slot_axis: int) -> jax.Array:
+    """`[batch, seq, kv_heads, head_dim]` → the buffer's layout, `seq` at `slot_axis`."""
+    return x.transpose((0, 2, 3, 1) if slot_axis == KEY_SLOT_AXIS else (0, 2, 1, 3))
+
+
+def store_prompt(buffer: jax.Array, prompt_keys: jax.Array, slot_axis: int) -> jax.Array:
     """One layer's prompt keys (or values) `[batch, prompt, kv_heads, head_dim]` written into its `buffer`."""
-    kept, slot_of = prompt_slot_layout(prompt_keys.shape[1], buffer.shape[-1])
-    return buffer.at[..., slot_of].set(prompt_keys[:, kept].transpose(0, 2, 3, 1).astype(buffer.dtype))
+    kept, slot_of = prompt_slot_layout(prompt_keys.shape[1], buffer.shape[slot_axis])
+    where = (slice(None),) * slot_axis + (slot_of,)
+    return buffer.at[where].set(_to_buffer_layout(prompt_keys[:, kept], slot_axis).astype(buffer.dtype))
 
 
-def store_step(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+def store_step(buffer: jax.Array, new: jax.Array, index: jax.Array, slot_axis: int) -> jax.Array:
     """Write one step's keys (or values) `[batch, 1, kv_heads, head_dim]` for sequence `index` into its slot."""
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new.transpose(0, 2, 3, 1).astype(buffer.dtype),
-                                               index % buffer.shape[-1], axis=3)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, _to_buffer_layout(new, slot_axis).astype(buffer.dtype),
+                                               index % buffer.shape[slot_axis], axis=slot_axis)
 
 
 def step_key_index(key_index: jax.Array, index: jax.Array) -> jax.Array:

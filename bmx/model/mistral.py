@@ -20,6 +20,7 @@ and each later call with the returned cache adds one token per row (`bmx.generat
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -82,13 +83,15 @@ class Attention(nnx.Module):
         # Query head h belongs to KV head h // queries_per_kv, as in transformers' repeat_kv.
         q = q.reshape(batch, seq, self.kv_heads, self.queries_per_kv, q.shape[-1])
         if kv_cache is not None and write_index is not None:
-            keys, values = kv.store_step(kv_cache[0], k, write_index), kv.store_step(kv_cache[1], v, write_index)
+            keys = kv.store_step(kv_cache[0], k, write_index, kv.KEY_SLOT_AXIS)
+            values = kv.store_step(kv_cache[1], v, write_index, kv.VALUE_SLOT_AXIS)
             out = attention_over_cache(q, keys, values, masking.key_is_valid, self.scale)
             kv_cache = (keys, values)
         else:
             out = attention_kernel(self.attention)(q, k, v, masking, self.scale)
             if kv_cache is not None:
-                kv_cache = (kv.store_prompt(kv_cache[0], k), kv.store_prompt(kv_cache[1], v))
+                kv_cache = (kv.store_prompt(kv_cache[0], k, kv.KEY_SLOT_AXIS),
+                            kv.store_prompt(kv_cache[1], v, kv.VALUE_SLOT_AXIS))
         out = self.o_proj(out.reshape(batch, seq, -1, out.shape[-1]))
         return out if kv_cache is None else (out, kv_cache)
 
@@ -259,7 +262,9 @@ def default_positions(input_ids: jax.Array, attention_mask: jax.Array | None) ->
 
 
 def unstack_layers(model: Mistral) -> Mistral:
-    """The same model (sharing every array but the layers') with its decoder layers as a list of modules.
+    """The same model in the layout decoding reads fastest: its decoder layers as a list of modules, and
+    each projection wider than it is deep (gate, up, the LM head) stored outputs-first
+    (`Linear.store_outputs_first`). It shares every other array with `model`.
 
     Why: XLA:CPU copies each layer's weights out of the stacked arrays before multiplying by them
     (the dynamic slice of a scan is not fused into the matmul). Against a training step's large
@@ -280,4 +285,8 @@ def unstack_layers(model: Mistral) -> Mistral:
                 variable.set_metadata(logical_axes=tuple(axes[1:]))
         layers.append(layer)
     unstacked.model.layers = nnx.List(layers)
+    for _, module in nnx.iter_graph(unstacked):
+        if type(module) is Linear and math.prod(module.kernel.shape[module.num_contracted:]) > math.prod(
+                module.kernel.shape[:module.num_contracted]):
+            module.store_outputs_first()
     return unstacked
