@@ -30,9 +30,25 @@ def _ascending_ranks(values: jax.Array, axis: int = -1) -> jax.Array:
     The inverse of the sorting permutation, written by a scatter: a second argsort (what mergekit
     does) costs as much as the first, and sorting is most of these methods' time.
     """
-    order = jnp.argsort(values, axis=axis, stable=True)
-    positions = jax.lax.broadcasted_iota(order.dtype, order.shape, axis % order.ndim)
+    axis = axis % values.ndim
+    if values.dtype == jnp.bfloat16 and axis == values.ndim - 1 and values.shape[axis] <= 1 << 16:
+        order = _stable_order_of_bf16_magnitudes(values)
+    else:
+        order = jnp.argsort(values, axis=axis, stable=True)
+    positions = jax.lax.broadcasted_iota(order.dtype, order.shape, axis)
     return jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=axis, inplace=False)
+
+
+def _stable_order_of_bf16_magnitudes(magnitudes: jax.Array) -> jax.Array:
+    """`argsort(magnitudes, axis=-1, stable=True)` for non-negative bfloat16 rows of at most 65536 entries.
+
+    Each entry becomes one uint32 key, its bits (ordered as its value, the sign bit being clear) above its
+    column, and one sort of those keys gives the stable order: XLA sorts a plain uint32 array about five
+    times faster than it argsorts floats (a comparator over value and index pairs).
+    """
+    bits = jax.lax.bitcast_convert_type(magnitudes, jnp.uint16).astype(jnp.uint32)
+    column = jax.lax.broadcasted_iota(jnp.uint32, magnitudes.shape, magnitudes.ndim - 1)
+    return (jnp.sort((bits << 16) | column, axis=-1) & 0xFFFF).astype(jnp.int32)
 
 
 @partial(jax.jit, static_argnames=("rescale",))
