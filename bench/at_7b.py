@@ -397,8 +397,8 @@ def child_awq(ckpt, calib, samples) -> dict:
 def inference_prompts(data_dir, questions: int, tokenizer):
     """The MedQA prompts bmx.eval builds (3-shot, shot set 1) as token ids, their letters' ids, and a generate prompt."""
     from bmx.eval.letter_protocol import encode_prompts, letter_token_ids, prompts_for
-    from bmx.eval.shots import ShotSampler
-    from bmx.eval.tasks import load_tasks, resolve_tasks
+    from bmx.tasks.catalog import load_tasks, resolve_tasks
+    from bmx.tasks.shots import ShotSampler
 
     (task,) = load_tasks(resolve_tasks("medqa", "en"), data_dir, "auto")
     asked = task.questions[: int(questions)]
@@ -494,7 +494,9 @@ def tensor_fingerprint(merged, base, tuned) -> dict:
     DARE's kept fraction (entries moved off the base) and mean rescale of the kept task vector."""
     import numpy as np
 
-    rows = lambda x: np.asarray(x).reshape(np.asarray(x).shape[0], -1)
+    def rows(x):
+        return np.asarray(x).reshape(np.asarray(x).shape[0], -1)
+
     merged_rows = rows(merged)
     as_float = merged_rows.astype(np.float32)
     row_sums, row_abs_sums = as_float.sum(axis=1, dtype=np.float64), np.abs(as_float).sum(axis=1, dtype=np.float64)

@@ -131,7 +131,7 @@ def child(args) -> None:
         enable_compile_cache()  # what every bmx command does first ($BMX_COMPILE_CACHE set by the parent)
         from bmx.eval.evaluate import EvalSettings, evaluate_task
         from bmx.eval.models import load_eval_model
-        from bmx.eval.tasks import load_task
+        from bmx.tasks.catalog import load_task
 
         task = load_task("medqa", args.data_dir)
         model = load_eval_model(args.child_model)
@@ -205,7 +205,7 @@ def in_process_rows(args, hf_dir: Path, ckpt: Path, manager) -> list:
     from bmx.eval.evaluate import EvalSettings, evaluate_task
     from bmx.eval.harness import BmxLM
     from bmx.eval.models import load_eval_model
-    from bmx.eval.tasks import load_task
+    from bmx.tasks.catalog import load_task
 
     rows = []
     hf_lm = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=args.batch_size)

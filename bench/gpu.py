@@ -79,7 +79,6 @@ def time_training(config, device, steps: int, warmup: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from bmx.train.aot_compile import aot_run_config
     from bmx.train.flops import training_flops_per_token
@@ -87,7 +86,7 @@ def time_training(config, device, steps: int, warmup: int) -> dict:
 
     config = aot_run_config(config)
     setup = build(config, [device])
-    params = jax.jit(lambda: nnx.state(setup.build_model(0)).to_pure_dict(), out_shardings=setup.param_sharding)()
+    params, frozen = setup.trainable.start(None)
     opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.opt_sharding)(params)
     rng = np.random.default_rng(0)
     shape = (config.train.global_batch_size, setup.seq_len)
@@ -97,12 +96,12 @@ def time_training(config, device, steps: int, warmup: int) -> dict:
                             "loss_mask": jnp.ones(shape, jnp.float32)}, setup.data_sharding)
     started = time.perf_counter()
     for _ in range(warmup):
-        params, opt_state, metrics = setup.train_step(params, opt_state, batch)
+        params, opt_state, metrics = setup.train_step(params, opt_state, batch, frozen)
     jax.block_until_ready(metrics)
     compile_and_warmup = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
-        params, opt_state, metrics = setup.train_step(params, opt_state, batch)
+        params, opt_state, metrics = setup.train_step(params, opt_state, batch, frozen)
     jax.block_until_ready(metrics)
     step_seconds = (time.perf_counter() - started) / steps
     tokens_per_second = shape[0] * shape[1] / step_seconds

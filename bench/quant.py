@@ -50,14 +50,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmx.checkpoints import load
 from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks
 from bmx.eval.scorers import JaxModelScorer
-from bmx.eval.tasks import load_tasks, resolve_tasks
-from bmx.checkpoints import load
 from bmx.model.checkpoint import read_config, read_params, write_checkpoint
 from bmx.quant import parameter_bytes
-from bmx.quant.pipeline import quantize_checkpoint
 from bmx.quant.model import LINEAR_PATHS, linear_at
+from bmx.quant.pipeline import quantize_checkpoint
+from bmx.tasks.catalog import load_tasks, resolve_tasks
 from bmx.tokenizer import load_tokenizer
 
 METHODS = ("bf16", "int8", "nf4", "fp4", "rtn", "awq", "rtn@64", "awq@64")

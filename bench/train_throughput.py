@@ -44,11 +44,11 @@ tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1
 data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
 peak, _ = peak_flops_per_device()  # before the steps, on an idle process (after them it read ~45% low)
 for _ in range(warmup):
-    params, opt_state, metrics = step(params, opt_state, data)
+    params, opt_state, metrics = step(params, opt_state, data, {})
 jax.block_until_ready(metrics)
 start = time.perf_counter()
 for _ in range(steps):
-    params, opt_state, metrics = step(params, opt_state, data)
+    params, opt_state, metrics = step(params, opt_state, data, {})
 jax.block_until_ready(metrics)
 seconds = (time.perf_counter() - start) / steps
 tps = batch * seq / seconds

@@ -18,7 +18,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
 from etils import epath
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 # command -> (module with `main(argv) -> int`, one line for `bmx --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,14 +35,22 @@ def prog(command: str) -> str:
     return f"python -m {module}"
 
 
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
-        text = f"{error.filename}: {text}"
+def is_program(command: str, argv: Sequence[str] | None) -> bool:
+    """Whether a command's `main(argv)` runs as the program (`bmx COMMAND` or `python -m`), not called from Python."""
+    return argv is None or _console_command == command
+
+
+def one_line(error: BaseException | str) -> str:
+    """The message on one line; an `OSError` without its "[Errno N]" prefix and with the file it names."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = " ".join(text.split())
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
+        names = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        text = f"{' -> '.join(names)}: {text}"
     return text or type(error).__name__
 
 
-def fail(command: str, error: BaseException) -> int:
+def fail(command: str, error: BaseException | str) -> int:
     """Report bad input the way every command does; returns the exit code."""
     print(f"bmx {command}: error: {one_line(error)}", file=sys.stderr)
     return 2

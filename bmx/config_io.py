@@ -11,7 +11,8 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import yaml
 
@@ -55,14 +56,14 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
         if value not in typing.get_args(expected):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(expected))}")
         return value
-    if origin in (dict, typing.Dict):
+    if origin is dict:  # typing.get_origin gives the builtin for typing.Dict too
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
-    if origin in (list, tuple, typing.List, typing.Tuple):
+    if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return (tuple if origin in (tuple, typing.Tuple) else list)(value)
+        return (tuple if origin is tuple else list)(value)
     if expected is Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

@@ -30,6 +30,6 @@ def save_tiny_hf_model(directory: Path, seed: int = 0, dtype=torch.float32, max_
     return model
 
 
-def hf_logits(model: MistralForCausalLM, input_ids) -> "numpy.ndarray":  # noqa: F821
+def hf_logits(model: MistralForCausalLM, input_ids) -> numpy.ndarray:  # noqa: F821
     with torch.no_grad():
         return model(torch.as_tensor(input_ids)).logits.float().numpy()

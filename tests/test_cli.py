@@ -1,6 +1,7 @@
 """The `bmx` command: one entry point, the same exit codes and error line for every command."""
 
 import importlib
+import logging
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_bad_input_is_exit_2_with_one_line_and_bugs_keep_their_traceback(capsys)
     assert cli.run("eval", bad_value) == 2
     assert capsys.readouterr().err == "bmx eval: error: config.json: hidden_size must be positive\n"
     assert cli.run("eval", missing_file) == 2
-    assert capsys.readouterr().err == "bmx eval: error: [Errno 2] No such file or directory: 'ckpt/config.json'\n"
+    assert capsys.readouterr().err == "bmx eval: error: ckpt/config.json: No such file or directory\n"
     assert cli.run("merge", interrupted) == 130
     with pytest.raises(KeyError):
         cli.run("merge", bug)
@@ -66,3 +67,37 @@ def test_the_console_script_is_declared_and_installed():
     assert executable, "pip install -e . installs the bmx command"
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "generate" in result.stdout
+
+
+BAD_INPUT = {  # command -> arguments naming a path that does not exist ({missing}) and an output ({out})
+    "train": ["--config", "{missing}/run.yaml"],
+    "aot": ["--config", "{missing}/run.yaml", "--topology", "v5p:2x2x1"],
+    "data": ["prepare", "{missing}/pmc", "--out", "{out}"],
+    "convert": ["hf-to-bmx", "{missing}/hf", "{out}"],
+    "eval": ["--ckpt", "{missing}/ckpt", "--tasks", "medqa", "--data-dir", "{missing}/eval", "--out", "{out}"],
+    "merge": ["{missing}/merge.yaml", "{out}"],
+    "quant": ["--ckpt", "{missing}/ckpt", "--method", "int8", "--out", "{out}"],
+    "generate": ["--ckpt", "{missing}/ckpt", "--prompt", "Aspirin"],
+}
+
+
+@pytest.fixture
+def root_logging():
+    """Commands configure logging when they run as the program; put the test session's back."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_bad_input_is_one_line_naming_it_whichever_way_the_command_runs(command, tmp_path, capsys, root_logging):
+    assert set(BAD_INPUT) == set(cli.COMMANDS)
+    missing = tmp_path / "nowhere"
+    argv = [arg.format(missing=missing, out=tmp_path / "out") for arg in BAD_INPUT[command]]
+    module_main = importlib.import_module(cli.COMMANDS[command][0]).main
+    for run in (lambda: cli.main([command, *argv]), lambda: module_main(argv)):
+        assert run() == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"bmx {command}: error: ") and str(missing) in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -1,11 +1,14 @@
 """python -m bmx.convert {hf-to-bmx,bmx-to-hf} SRC DST [--dtype ...] [--max-shard-size 5GB]
 python -m bmx.convert merge-lora BASE ADAPTER DST [--dtype ...] [--max-shard-size 5GB]
 python -m bmx.convert calibrate CKPT DST (--temperature T | --from-eval RESULTS.json)
-python -m bmx.convert bmx-to-gguf CKPT OUT.gguf [--type f16|bf16|f32|q8_0|q5_1|q5_0|q4_1|q4_0]"""
+python -m bmx.convert bmx-to-gguf CKPT OUT.gguf [--type f16|bf16|f32|q8_0|q5_1|q5_0|q4_1|q4_0]
+(or `bmx convert ...`). Bad input or a full disk is one line `bmx convert: error: ...` (exit 2) and no output;
+SIGINT and SIGTERM remove the partial output and exit 130."""
 
 import argparse
 import sys
 
+from bmx import cli
 from bmx.convert.hf import bmx_to_hf, hf_to_bmx
 from bmx.convert.safetensors_io import CheckpointFormatError
 from bmx.compile_cache import enable_compile_cache
@@ -15,7 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def main(argv=None) -> int:
     enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
-    parser = argparse.ArgumentParser(prog="python -m bmx.convert", description=__doc__)
+    parser = argparse.ArgumentParser(prog=cli.prog("convert"), description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     to_bmx = commands.add_parser("hf-to-bmx", help="Hugging Face safetensors directory → bmx checkpoint")
     to_bmx.add_argument("src")
@@ -75,14 +78,13 @@ def main(argv=None) -> int:
         else:
             out = bmx_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
     except (CheckpointFormatError, OSError, ValueError) as error:  # bad input, a full disk: one line, no output
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.fail("convert", error)
     except KeyboardInterrupt as interrupt:  # SIGINT, or SIGTERM (see atomic_output_dir)
-        print(f"interrupted ({interrupt or 'SIGINT'}): no output written", file=sys.stderr)
+        print(f"bmx convert: interrupted ({interrupt or 'SIGINT'}): no output written", file=sys.stderr)
         return 130
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("convert", main))

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bmx.convert.hf import HF_SIDECAR_DIR, TOKENIZER_FILES, _hf_config, open_checkpoint
+from bmx.convert.hf import (
+    HF_SIDECAR_DIR,
+    TOKENIZER_FILES,
+    hf_config_json,
+    open_checkpoint,
+)
 from bmx.convert.safetensors_io import (
     CheckpointFormatError,
     ShardedSafetensorsWriter,
@@ -96,7 +101,7 @@ def calibrate_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, tempera
 def _source_config(src: Path, reader) -> dict:
     if (src / METADATA_FILE).is_file():
         dtypes = [reader.spec(name).dtype for name in reader.names()]
-        return _hf_config(src, reader.config, max(set(dtypes), key=dtypes.count))
+        return hf_config_json(src, reader.config, max(set(dtypes), key=dtypes.count))
     config_file = src / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{src}: neither a bmx checkpoint ({METADATA_FILE}) nor an HF directory (config.json)")

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from etils import epath
@@ -58,7 +58,8 @@ def bmx_param_shapes(config: MistralConfig) -> dict[tuple[str, ...], tuple[int, 
             for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 
-def _resolve_dtype(dtype) -> np.dtype | None:
+def numpy_dtype(dtype) -> np.dtype | None:
+    """`dtype` (a name: float32, bfloat16, float16; or anything numpy takes) as a numpy dtype; None stays None."""
     if dtype is None:
         return None
     import ml_dtypes
@@ -138,7 +139,7 @@ def hf_to_bmx(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, pro
     src, dst = Path(src), Path(dst)
     config, reader, table = open_hf(src)
     shapes = bmx_param_shapes(config)
-    out_dtype = _resolve_dtype(dtype)
+    out_dtype = numpy_dtype(dtype)
     bar = tqdm(total=sum(len(row.hf_names(config.num_hidden_layers)) for row in table), unit="tensor",
                desc="hf → bmx", disable=not progress)
 
@@ -245,7 +246,9 @@ def open_checkpoint(path: str | os.PathLike) -> SafetensorsReader | BmxCheckpoin
     return SafetensorsReader(path)
 
 
-def _hf_config(src: Path, config: MistralConfig, dtype: np.dtype) -> dict:
+def hf_config_json(src: Path, config: MistralConfig, dtype: np.dtype) -> dict:
+    """The `config.json` an HF export of the bmx checkpoint at `src` gets: `config` in HF's terms, the
+    source's token ids kept, and `dtype` as its `torch_dtype`."""
     hf_config = config.to_hf()
     original = src / HF_SIDECAR_DIR / "config.json"
     if original.is_file():  # keep the token ids and other bookkeeping the source declared
@@ -262,7 +265,7 @@ def bmx_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, max
     """Write an HF `MistralForCausalLM` directory (config, sharded safetensors, tokenizer) from a bmx checkpoint."""
     src, dst = Path(src), Path(dst)
     reader = BmxCheckpointReader(src)
-    out_dtype = _resolve_dtype(dtype)
+    out_dtype = numpy_dtype(dtype)
     specs = [TensorSpec(name, spec.shape, out_dtype or spec.dtype) for name in reader.names()
              for spec in [reader.spec(name)]]
     dtypes = {spec.dtype for spec in specs}
@@ -272,7 +275,8 @@ def bmx_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, *, max
             writer.write(spec.name, reader.read(spec.name).astype(spec.dtype, copy=False))
         writer.finish()
         main_dtype = out_dtype or max(dtypes, key=lambda d: sum(s.nbytes for s in specs if s.dtype == d))
-        (staging / "config.json").write_text(json.dumps(_hf_config(src, reader.config, main_dtype), indent=2) + "\n")
+        hf_config = hf_config_json(src, reader.config, main_dtype)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = src / HF_SIDECAR_DIR / "generation_config.json"
         if generation.is_file():
             shutil.copy2(generation, staging / "generation_config.json")

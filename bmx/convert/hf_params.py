@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bmx.convert.hf import _resolve_dtype, bmx_param_shapes, open_hf
+from bmx.convert.hf import bmx_param_shapes, numpy_dtype, open_hf
 from bmx.model.config import MistralConfig
 
 
@@ -22,7 +22,7 @@ def read_hf_params(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[MistralCon
     (per-layer tensors stacked on axis 0) in `dtype` (default: as stored)."""
     config, reader, table = open_hf(hf_dir)
     shapes = bmx_param_shapes(config)
-    out_dtype = _resolve_dtype(dtype)
+    out_dtype = numpy_dtype(dtype)
     params: dict[str, Any] = {}
     for row in table:
         names = row.hf_names(config.num_hidden_layers)

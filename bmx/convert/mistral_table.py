@@ -8,7 +8,7 @@ HF `nn.Linear` weights are `[out, in]`; bmx kernels are `[in, out]` with heads s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -1,5 +1,7 @@
-"""`python -m bmx.data prepare INPUT... --out DIR`: packed token shards for pretraining;
-`python -m bmx.data prepare-sft --tasks medqa,... --out DIR`: packed QA examples for fine-tuning."""
+"""`bmx data prepare INPUT... --out DIR`: packed token shards for pretraining;
+`bmx data prepare-sft --tasks medqa,... --out DIR`: packed QA examples for fine-tuning (or `python -m bmx.data`).
+
+Bad input, a full disk or a killed worker is one line `bmx data: error: ...` (exit 2)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import errno
 import json
 import sys
 
+from bmx import cli
 from bmx.data.licenses import LICENSE_FILTERS
 from bmx.data.prepare import PrepareSettings, WorkerDied, prepare
 from bmx.data.prepare_sft import QUESTION_SPLITS, SFTSettings, prepare_sft
@@ -17,7 +20,7 @@ from bmx.compile_cache import enable_compile_cache
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bmx.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog=cli.prog("data"), description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("prepare", help="JATS/PubMed/PubTator/text/JSONL/HF inputs -> ArrayRecord shards")
     run.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -42,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-empty", action="store_true",
                      help="exit 0 even when every input was rejected (default: an empty dataset is an error)")
     sft = commands.add_parser("prepare-sft", help="medical QA questions -> packed prompt+answer shards for SFT")
-    sft.add_argument("--tasks", default="medqa", help="comma-separated bmx.eval task names (default medqa)")
+    sft.add_argument("--tasks", default="medqa", help="comma-separated task names from bmx.tasks.catalog (default medqa)")
     sft.add_argument("--data-dir", default=None, help="evaluation data folder (default $BMX_EVAL_DATA)")
     sft.add_argument("--question-split", choices=QUESTION_SPLITS, default="train",
                      help="train (default), or test: the evaluation questions themselves (demos only)")
@@ -55,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare_sft(args) -> dict:
-    from bmx.eval.tasks import default_data_dir
+    from bmx.tasks.catalog import default_data_dir
 
     settings = SFTSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
                            question_split=args.question_split, seq_len=args.seq_len, val_fraction=args.val_fraction,
@@ -69,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-sft":
         try:
             manifest = _prepare_sft(args)
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        except (ValueError, OSError) as error:
+            return cli.fail("data", error)
         print(json.dumps({key: manifest[key] for key in ("documents", "tokens", "sequences")}))
         return 0
     settings = PrepareSettings(
@@ -82,23 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = prepare(args.inputs, args.out, settings, workers=args.workers)
     except (InputError, OSError, ValueError, WorkerDied) as error:
-        print(f"error: {_one_line(error, args.out)}", file=sys.stderr)
-        return 2
+        return cli.fail("data", _with_context(error, args.out))
     summary = {key: manifest[key] for key in ("documents", "tokens", "sequences", "excluded_by_license")}
     summary["skipped"] = len(manifest["skipped"])
     print(json.dumps(summary))
     if manifest["documents"] == 0 and not args.allow_empty:
-        print(f"error: {_nothing_kept(manifest, args.out)}", file=sys.stderr)
-        return 2
+        return cli.fail("data", _nothing_kept(manifest, args.out))
     return 0
 
 
-def _one_line(error: Exception, out: str) -> str:
-    """The message, with the context a bare OSError lacks (Python's ENOSPC names no file)."""
+def _with_context(error: Exception, out: str) -> Exception | str:
+    """The error, with the context a bare OSError lacks (Python's ENOSPC names no file)."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return (f"no space left on device while writing {out}; free some and re-run the same command "
                 "(finished work is kept and resumed)")
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return error
 
 
 def _nothing_kept(manifest: dict, out: str) -> str:
@@ -109,4 +109,4 @@ def _nothing_kept(manifest: dict, out: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("data", main))

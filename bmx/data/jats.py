@@ -14,7 +14,7 @@ the article in the JATS namespace while PMC's FTP files use none.
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from lxml import etree
 

@@ -17,7 +17,7 @@ for them, and the manifest counts them separately so that choice stays visible.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from lxml import etree
 

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from bmx.data import shards
 from bmx.data.manifest import FORMAT, MANIFEST, read_manifest, write_manifest
 from bmx.data.packing import SPLITS, split_of
-from bmx.eval.questions import Question
-from bmx.eval.tasks import load_task
 from bmx.data.sft_examples import pack_rows, render_qa_example, tokenize_example
+from bmx.tasks.catalog import load_task
+from bmx.tasks.questions import Question
 from bmx.tokenizer import MISTRAL_V01, load_tokenizer
 
 QUESTION_SPLITS = ("train", "test")

@@ -9,7 +9,7 @@ annotation lines are entity mentions, not text, and are ignored.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from lxml import etree
 

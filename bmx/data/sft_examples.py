@@ -12,12 +12,12 @@ packed examples apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from bmx.eval.prompts import biomistral_prompt
-from bmx.eval.questions import Question
+from bmx.tasks.prompts import biomistral_prompt
+from bmx.tasks.questions import Question
 from bmx.tokenizer import Tokenizer
 
 

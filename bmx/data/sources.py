@@ -22,7 +22,8 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
+from collections.abc import Iterator, Sequence
 
 from bmx.data import jats, pubmed
 from bmx.data.licenses import NOT_RECORDED, UNKNOWN, license_from_text, license_from_type, license_from_url

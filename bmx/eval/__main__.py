@@ -1,21 +1,25 @@
-"""`python -m bmx.eval --ckpt DIR --tasks all --protocol biomistral --out DIR`: the medical QA evaluation."""
+"""`bmx eval --ckpt DIR --tasks all --protocol biomistral --out DIR`: the medical QA evaluation.
+
+Also `python -m bmx.eval`. Bad input (a flag, a task, a missing data file or checkpoint) is one line
+`bmx eval: error: ...` (exit 2)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from bmx import cli
 from bmx.compile_cache import enable_compile_cache
 
 from bmx.eval.engine import DEFAULT_TOKENS_PER_BATCH
 from bmx.eval.evaluate import PROTOCOLS, EvalSettings, evaluate_tasks, results_document
-from bmx.eval.prompts import CHOICE_STYLES
 from bmx.eval.recalibration import METHODS as CALIBRATION_METHODS
-from bmx.eval.tasks import LANGUAGES, SUITES, default_data_dir, load_tasks, resolve_tasks
+from bmx.tasks.catalog import LANGUAGES, SUITES, default_data_dir, load_tasks, resolve_tasks
+from bmx.tasks.prompts import CHOICE_STYLES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bmx.eval", description=__doc__)
+    parser = argparse.ArgumentParser(prog=cli.prog("eval"), description=__doc__)
     models = parser.add_mutually_exclusive_group(required=True)
     models.add_argument("--ckpt", help="bmx checkpoint or Hugging Face model directory")
     models.add_argument("--ensemble", nargs=2, metavar=("CKPT_A", "CKPT_B"),
@@ -54,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         enable_compile_cache(args.compile_cache)
         return run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: one line naming what is wrong
-        print(f"bmx.eval: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # bad input: one line naming what is wrong
+        return cli.fail("eval", error)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,4 +98,4 @@ def resolve_suite(args: argparse.Namespace) -> tuple[str, str, int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("eval", main))

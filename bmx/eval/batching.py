@@ -9,7 +9,7 @@ the device count so every batch splits evenly over data-parallel devices.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -16,11 +16,11 @@ from bmx.eval import calibration, recalibration
 from bmx.eval.engine import DEFAULT_TOKENS_PER_BATCH
 from bmx.eval.letter_protocol import ensemble_predictions, prompts_for, score_letters
 from bmx.eval.loglik_protocol import choose, score_pairs
-from bmx.eval.prompts import lm_eval_choices, lm_eval_context, TARGET_DELIMITER
-from bmx.eval.questions import Question
 from bmx.eval.scorers import Scorer
-from bmx.eval.shots import ShotSampler, seeds_for
-from bmx.eval.tasks import TaskData
+from bmx.tasks.catalog import TaskData
+from bmx.tasks.prompts import TARGET_DELIMITER, lm_eval_choices, lm_eval_context
+from bmx.tasks.questions import Question
+from bmx.tasks.shots import ShotSampler, seeds_for
 from bmx.tokenizer import Tokenizer
 
 PROTOCOLS = ("biomistral", "loglik")

@@ -8,14 +8,14 @@ likely token, and a top token that is not one of the option letters counts as a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from bmx.eval.engine import DEFAULT_TOKENS_PER_BATCH, score_next_token
-from bmx.eval.prompts import biomistral_prompt
-from bmx.eval.questions import Question
 from bmx.eval.scorers import Scorer
+from bmx.tasks.prompts import biomistral_prompt
+from bmx.tasks.questions import Question
 from bmx.tokenizer import Tokenizer
 
 ANSWER_CUE = "**Answer:**("

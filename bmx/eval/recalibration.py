@@ -18,7 +18,7 @@ where some letter is never the answer, the unpenalised optimum puts its bias at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from bmx.eval.evaluate import TaskOutcome
-from bmx.eval.tasks import SUITES, TASKS
+from bmx.tasks.catalog import SUITES, TASKS
 
 
 def _cell(summary: dict | None, metric: str) -> str:

@@ -14,7 +14,8 @@ a PyTorch model, as a reference.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 

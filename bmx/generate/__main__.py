@@ -1,13 +1,14 @@
-"""python -m bmx.generate --ckpt DIR (--prompt TEXT | --prompts FILE.jsonl) [--max-new-tokens N] [--greedy]
-                         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--adapter PEFT_DIR]
-                         [--truncate-prompt] [--output FILE.jsonl]
+"""bmx generate --ckpt DIR (--prompt TEXT | --prompts FILE.jsonl) [--max-new-tokens N] [--greedy]
+                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR] [--adapter PEFT_DIR]
+                    [--truncate-prompt] [--output FILE.jsonl]   (or python -m bmx.generate)
 
 Streams each generation to the console in prompt order (the first prompt of a batch live, the
 others as soon as the ones before them are done). `--prompts` reads JSON lines `{"prompt": ...}`;
 `--output` writes one `{"prompt", "token_ids", "text"}` line per prompt, `token_ids` being the
 generated ids only. A prompt whose tokens plus `--max-new-tokens` exceed the model's
 `max_position_embeddings` is an error (exit 2), or with `--truncate-prompt` loses its first tokens
-(with a warning). Bad input exits with code 2 and one line `error: ...`.
+(with a warning). Bad input (a missing or damaged checkpoint, a bad prompts file, an unwritable
+`--output`) exits with code 2 and one line `bmx generate: error: ...`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from bmx import cli
 from bmx.generate.sampling import Sampling
 from bmx.compile_cache import enable_compile_cache
 
@@ -72,7 +74,7 @@ class OrderedConsole:
 
 def main(argv=None) -> int:
     enable_compile_cache()  # JAX's persistent cache: a second run skips compilation
-    parser = argparse.ArgumentParser(prog="python -m bmx.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog=cli.prog("generate"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True,
                         help="a bmx, quantized or Hugging Face model directory (local or gs://)")
@@ -99,16 +101,19 @@ def main(argv=None) -> int:
         sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts)
         results = _run(args, prompts, sampling)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            for result in results:
-                handle.write(json.dumps({"prompt": result.prompt, "token_ids": result.token_ids,
-                                         "text": result.text}, ensure_ascii=False) + "\n")
-        print(f"wrote {len(results)} generations to {args.output}", file=sys.stderr)
+        if args.output:
+            _write_results(args.output, results)
+    except (ValueError, OSError) as error:
+        return cli.fail("generate", error)
     return 0
+
+
+def _write_results(path: str, results) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for result in results:
+            handle.write(json.dumps({"prompt": result.prompt, "token_ids": result.token_ids,
+                                     "text": result.text}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(results)} generations to {path}", file=sys.stderr)
 
 
 def _run(args, prompts: list[str], sampling: Sampling):
@@ -134,4 +139,4 @@ def _run(args, prompts: list[str], sampling: Sampling):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("generate", main))

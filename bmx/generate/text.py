@@ -9,7 +9,7 @@ it), or after `max_new_tokens`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from bmx.generate.loop import GREEDY, generate_token_ids
 from bmx.generate.sampling import Sampling
@@ -80,6 +80,18 @@ def generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str], *, ma
     return [Generation(prompt, g.token_ids, g.text, g.finish_reason) for prompt, g in zip(prompts, generations)]
 
 
+def _batch_observer(streams: list[TextStream], members: list[int], on_text: TextObserver | None):
+    """`on_token` for one batch: row `row`'s ids so far → its stream (stopped?), new text → `on_text`."""
+
+    def observe(row: int, token_ids: list[int]) -> bool:
+        delta, stopped = streams[row].update(token_ids)
+        if on_text is not None and (delta or stopped):
+            on_text(members[row], delta, stopped)
+        return stopped
+
+    return observe
+
+
 def generate_from_ids(model: Mistral, tokenizer: Tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                       max_new_tokens: int = 256, sampling: Sampling = GREEDY, stop: Sequence[str] = (), seed: int = 0,
                       batch_size: int = 8, on_text: TextObserver | None = None,
@@ -93,16 +105,10 @@ def generate_from_ids(model: Mistral, tokenizer: Tokenizer, prompt_ids: Sequence
     for start in range(0, len(order), batch_size):
         members = order[start:start + batch_size]
         streams = [TextStream(tokenizer, stop) for _ in members]
-
-        def observe(row: int, token_ids: list[int]) -> bool:
-            delta, stopped = streams[row].update(token_ids)
-            if on_text is not None and (delta or stopped):
-                on_text(members[row], delta, stopped)
-            return stopped
-
         generated = generate_token_ids(model, [prompt_ids[i] for i in members], max_new_tokens=max_new_tokens,
                                        eos_ids=[tokenizer.eos_id], sampling=sampling, seed=seed + start,
-                                       on_token=observe, truncate_prompts=truncate_prompts)
+                                       on_token=_batch_observer(streams, members, on_text),
+                                       truncate_prompts=truncate_prompts)
         for row, (index, output) in enumerate(zip(members, generated)):
             text, _ = cut_at_stop(tokenizer.decode(output.token_ids), stop)
             if on_text is not None and output.finish_reason != "stop":

@@ -8,7 +8,7 @@ the adapted projections unchanged.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +16,19 @@ import numpy as np
 from flax import nnx
 
 from bmx.lora.config import ALL_PROJECTIONS, ATTENTION_PROJECTIONS, LoRAConfig
-from bmx.lora.layers import LoRALinear, lora_a_shape
+from bmx.lora.layers import DROPOUT_KEY_WORDS, LoRALinear, lora_a_shape
 from bmx.model.layers import Linear
 from bmx.model.mistral import Mistral
 
 STACKED_AXES = ("layers",)
 
 
+def _parent_name(projection: str) -> str:
+    return "self_attn" if projection in ATTENTION_PROJECTIONS else "mlp"
+
+
 def _parent_module(model: Mistral, projection: str):
-    layers = model.model.layers
-    return layers.self_attn if projection in ATTENTION_PROJECTIONS else layers.mlp
+    return getattr(model.model.layers, _parent_name(projection))
 
 
 def lora_modules(model: Mistral) -> Iterator[tuple[str, LoRALinear]]:
@@ -61,19 +64,23 @@ def split_lora(model: Mistral) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.LoRAParam, ...)
 
 
-def set_lora_dropout(model: Mistral, key: jax.Array | None) -> None:
-    """Turn the adapters' dropout on with a fresh `key` (call it before each training forward), or off with None."""
-    modules = [module for _, module in lora_modules(model)]
-    if not modules:
-        raise ValueError("the model has no LoRA adapters (apply_lora or load_peft_adapter first)")
-    if key is None:
-        for module in modules:
-            module.set_dropout_key(None)
-        return
+def with_lora_dropout(state: dict, key: jax.Array) -> dict:
+    """`state` (an adapted model's variables as a pure dict, or its frozen part) with every adapter's
+    dropout key drawn from `key`: the model merged from it drops its adapters' inputs. Pure: `state`
+    and the model it came from are left as they are (dropout off)."""
+    layers = state["model"]["layers"]
+    adapted = [(_parent_name(projection), projection) for projection in ALL_PROJECTIONS
+               if "dropout_key" in layers.get(_parent_name(projection), {}).get(projection, {})]
+    if not adapted:
+        raise ValueError("the state has no LoRA adapters (apply_lora or load_peft_adapter first)")
+    parent, projection = adapted[0]
+    leading = layers[parent][projection]["dropout_key"].shape[:-1]  # (layers,) in the stack
     # One draw for every projection and layer: [projections, *leading, words].
-    words = jax.random.bits(key, (len(modules), *modules[0].dropout_key.shape), jnp.uint32)
-    for module, module_words in zip(modules, words):
-        module.set_dropout_key(module_words)
+    words = jax.random.bits(key, (len(adapted), *leading, DROPOUT_KEY_WORDS), jnp.uint32)
+    layers = dict(layers)
+    for (parent, projection), projection_words in zip(adapted, words):
+        layers[parent] = {**layers[parent], projection: {**layers[parent][projection], "dropout_key": projection_words}}
+    return {**state, "model": {**state["model"], "layers": layers}}
 
 
 def merge_lora(model: Mistral) -> Mistral:

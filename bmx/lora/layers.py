@@ -7,10 +7,11 @@ scanned layer stack every array also has the leading `layers` axis. A and B are 
 so `nnx.state(model, nnx.LoRAParam)` is exactly what an optimizer should update.
 
 Dropout needs a fresh key every step, but the model's layer scan does not hand RNG state back; so
-the key is a plain variable the caller sets before each training forward (`set_lora_dropout`), one
-key per layer, and dropout is off (deterministic) until it does. Masks are drawn with the `rbg`
-generator (XLA's RngBitGenerator): threefry masks for seven projections cost more compile time
-than the rest of the training step.
+the key is data of the model's state, one per layer: `dropout_key` is empty (`[*leading, 0]`, dropout
+off) as `apply_lora` makes it, and a training forward merges the model from a state whose keys
+`with_lora_dropout` filled in (pure: no module is changed). Whether a key is there is its shape, so
+it is known while tracing. Masks are drawn with the `rbg` generator (XLA's RngBitGenerator):
+threefry masks for seven projections cost more compile time than the rest of the training step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ DROPOUT_KEY_WORDS = 4  # uint32 words of an `rbg` key
 
 
 class LoRADropoutKey(nnx.Variable):
-    """Raw `rbg` key data `[*leading, 4]` uint32 for this projection's dropout (not a parameter)."""
+    """Raw `rbg` key data `[*leading, 4]` uint32 for this projection's dropout, or `[*leading, 0]`: no key,
+    dropout off (not a parameter)."""
 
 
 def kernel_shape_and_axes(base) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
@@ -68,19 +70,10 @@ class LoRALinear(nnx.Module):
                                     logical_axes=(*leading_axes, *axes[lead:in_end], LORA_RANK_AXIS))
         self.lora_b = nnx.LoRAParam(jnp.zeros((*kernel_shape[:lead], rank, *kernel_shape[in_end:]), jnp.float32),
                                     logical_axes=(*leading_axes, LORA_RANK_AXIS, *axes[in_end:]))
-        self.dropout_key = LoRADropoutKey(jnp.zeros((*kernel_shape[:lead], DROPOUT_KEY_WORDS), jnp.uint32))
+        self.dropout_key = LoRADropoutKey(jnp.zeros((*kernel_shape[:lead], 0), jnp.uint32))  # no key yet
         self.rank = rank
         self.scale = scale
         self.dropout = dropout
-        self.deterministic = True
-
-    def set_dropout_key(self, key_data: jax.Array | None) -> None:
-        """Dropout on with random uint32 words `[*leading, 4]` (a key per stacked layer), or off with None."""
-        self.deterministic = key_data is None
-        if key_data is not None:
-            # A new variable rather than an assignment to the old one: inside jit/grad the old one may
-            # belong to an outer trace (frozen state closed over), which NNX forbids mutating.
-            self.dropout_key = LoRADropoutKey(jnp.asarray(key_data, jnp.uint32).reshape(self.dropout_key.shape))
 
     def delta_kernel(self) -> jax.Array:
         """(A·B)·scale in float32, shaped like the base kernel: what merging adds to it."""
@@ -93,7 +86,7 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         dtype = self.base.dtype
         out_dtype = out_dtype or dtype
-        if not self.deterministic and self.dropout > 0:
+        if self.dropout > 0 and self.dropout_key.shape[-1] == DROPOUT_KEY_WORDS:  # a training forward
             key = jax.random.wrap_key_data(self.dropout_key[...], impl=DROPOUT_KEY_IMPL)
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x_lora = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)

@@ -19,8 +19,8 @@ from bmx.convert.hf import (
     HF_SIDECAR_DIR,
     TOKENIZER_FILES,
     BmxCheckpointReader,
-    _hf_config,
-    _resolve_dtype,
+    hf_config_json,
+    numpy_dtype,
     open_checkpoint,
 )
 from bmx.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec, atomic_output_dir, parse_size
@@ -65,7 +65,7 @@ def merge_lora_to_hf(base: str | os.PathLike, adapter_dir: str | os.PathLike, ds
     config = _base_config(base, reader)
     adapter = read_peft_adapter(adapter_dir, config.num_hidden_layers)
     plan = _merge_plan(adapter, config, reader)
-    out_dtype = _resolve_dtype(dtype)
+    out_dtype = numpy_dtype(dtype)
     specs = [TensorSpec(name, reader.spec(name).shape, out_dtype or reader.spec(name).dtype) for name in reader.names()]
     with atomic_output_dir(dst) as staging:
         writer = ShardedSafetensorsWriter(staging, specs, parse_size(max_shard_size))
@@ -83,7 +83,7 @@ def merge_lora_to_hf(base: str | os.PathLike, adapter_dir: str | os.PathLike, ds
 def _write_sidecar_files(base: Path, reader, config: MistralConfig, dtype: np.dtype, staging: Path) -> None:
     """config.json, generation_config.json and the tokenizer, from whichever kind of base it is."""
     if isinstance(reader, BmxCheckpointReader):
-        hf_config = _hf_config(base, config, dtype)
+        hf_config = hf_config_json(base, config, dtype)
         sidecar_dir, tokenizer_dir = base / HF_SIDECAR_DIR, base / TOKENIZER_DIR
         tokenizer_files = list(tokenizer_dir.iterdir()) if tokenizer_dir.is_dir() else []
     else:

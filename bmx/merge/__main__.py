@@ -1,5 +1,7 @@
 """`python -m bmx.merge CONFIG.yaml OUT_DIR [--device cpu|gpu|tpu] [--out-shard-size 5GB] [--seed N] [--to-bmx]`
-and `python -m bmx.merge extract-lora BASE FINETUNED OUT_DIR --rank R [--no-distribute-scale] [--sv-epsilon E]`."""
+and `python -m bmx.merge extract-lora BASE FINETUNED OUT_DIR --rank R [--no-distribute-scale] [--sv-epsilon E]`
+(or `bmx merge ...`). A bad config or incompatible models are one line `bmx merge: error: ...` naming the
+key or tensor (exit 2)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,14 @@ import argparse
 import logging
 import sys
 
-from bmx.merge.config import MergeConfigError
-from bmx.merge.models import IncompatibleModelsError
+from bmx import cli
 
 EXTRACT_LORA = "extract-lora"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bmx.merge", description="Merge models from a mergekit YAML config.",
-                                     epilog=f"`python -m bmx.merge {EXTRACT_LORA} --help`: a LoRA adapter from a fine-tune.")
+    parser = argparse.ArgumentParser(prog=cli.prog("merge"), description="Merge models from a mergekit YAML config.",
+                                     epilog=f"`{cli.prog('merge')} {EXTRACT_LORA} --help`: a LoRA adapter from a fine-tune.")
     parser.add_argument("config", help="mergekit YAML config (model paths are resolved relative to it first)")
     parser.add_argument("out_dir", help="output directory (must not exist or be empty)")
     parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default="cpu", help="JAX device that does the math")
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_extract_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m bmx.merge {EXTRACT_LORA}",
+    parser = argparse.ArgumentParser(prog=f"{cli.prog('merge')} {EXTRACT_LORA}",
                                      description="A PEFT LoRA adapter from the truncated SVD of FINETUNED - BASE (mergekit-extract-lora).")
     parser.add_argument("base", help="base model (HF directory or bmx checkpoint)")
     parser.add_argument("finetuned", help="fine-tuned model of the same architecture")
@@ -58,16 +59,15 @@ def _run(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args, work = _run(argv)
-    if argv is None:  # the command line; a caller passing argv (tests, notebooks) keeps its own logging setup
+    if cli.is_program("merge", argv):  # a caller passing argv (tests, notebooks) keeps its own logging setup
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         work()
-    except (MergeConfigError, IncompatibleModelsError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # a MergeConfigError naming the key, IncompatibleModelsError the tensor
+        return cli.fail("merge", error)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("merge", main))

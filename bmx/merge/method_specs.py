@@ -13,19 +13,19 @@ rank-dependent drop) and whether signs are elected (TIES consensus).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from bmx.merge.config import MergeConfigError
 from bmx.merge.parameters import OPTIONAL_FLOAT, ParameterSpec, Scope
 
 
-class BasePolicy(str, Enum):
+class BasePolicy(StrEnum):
     REQUIRED = "required"
     OPTIONAL = "optional"  # used when configured (deltas are taken from it), else all inputs are peers
     IGNORED = "ignored"  # a configured base is just another input
 
 
-class Sparsification(str, Enum):
+class Sparsification(StrEnum):
     MAGNITUDE = "magnitude"  # ties: keep the top `density` fraction by |delta|
     RANDOM = "random"  # dare: Bernoulli(density) keep mask
     MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the top `gamma` and the bottom

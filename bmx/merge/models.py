@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from bmx.convert import BmxCheckpointReader, open_checkpoint
 from bmx.convert.hf import HF_SIDECAR_DIR

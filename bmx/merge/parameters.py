@@ -10,8 +10,9 @@ everything). Settings are looked up from the most specific scope to the least: t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Iterable, Mapping
+from enum import StrEnum
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from bmx.merge.config import Conditional, MergeConfigError
 
@@ -19,7 +20,7 @@ REQUIRED = object()
 OPTIONAL_FLOAT = "optional float"  # a number or None (passthrough's `scale`)
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     """Which inputs a parameter is given for."""
 
     SHARED = "shared"  # one value per tensor (e.g. slerp's t)

@@ -21,7 +21,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from bmx.model.causal_attention import block_spans, blocked_causal_attention
 

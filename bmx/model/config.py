@@ -54,7 +54,7 @@ class MistralConfig:
     # ---- Hugging Face config.json --------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, hf_config: dict[str, Any]) -> "MistralConfig":
+    def from_hf(cls, hf_config: dict[str, Any]) -> MistralConfig:
         """Read a transformers `config.json` dict; unknown or unsupported settings are errors."""
         fields = {field.name for field in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
@@ -96,7 +96,7 @@ class MistralConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MistralConfig":
+    def from_dict(cls, values: dict[str, Any]) -> MistralConfig:
         fields = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:

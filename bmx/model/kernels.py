@@ -22,7 +22,7 @@ rather than nothing, a value no loss or logit reads.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

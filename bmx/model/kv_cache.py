@@ -40,7 +40,7 @@ class KVCache:
     filled: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def empty(cls, config, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+    def empty(cls, config, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         """A cache for `batch` rows of `slots` slots (`cache_slots`), before the prompt."""
         keys = (batch, config.num_key_value_heads, config.head_dim, slots)
         values = (batch, config.num_key_value_heads, slots, config.head_dim)

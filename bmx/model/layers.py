@@ -8,7 +8,7 @@ the trainer maps these names onto the device mesh (see `bmx.model.sharding`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

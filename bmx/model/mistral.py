@@ -21,7 +21,7 @@ and each later call with the returned cache adds one token per row (`bmx.generat
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -278,7 +278,7 @@ def unstack_layers(model: Mistral) -> Mistral:
     layer_graph, layer_state = nnx.split(unstacked.model.layers)
     layers = []
     for i in range(model.config.num_hidden_layers):
-        layer = nnx.merge(layer_graph, jax.tree.map(lambda x: x[i], layer_state))
+        layer = nnx.merge(layer_graph, jax.tree.map(lambda x, i=i: x[i], layer_state))
         for _, variable in nnx.iter_graph(layer):
             axes = variable.get_metadata().get("logical_axes") if isinstance(variable, nnx.Variable) else None
             if axes and axes[0] == "layers":

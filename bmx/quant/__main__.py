@@ -3,7 +3,8 @@
 Also `python -m bmx.quant --import-hf HF_DIR --out DIR` (AutoAWQ GEMM or transformers'
 bitsandbytes 4-bit directory → quantized bmx checkpoint) and
 `python -m bmx.quant --ckpt QUANTIZED_DIR --export-hf DIR [--format compressed-tensors]` (re-export a
-quantized checkpoint).
+quantized checkpoint). All of them also as `bmx quant ...`; bad input or a full disk is one line
+`bmx quant: error: ...` (exit 2).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bmx import cli
 from bmx.quant.schemes import METHODS
 from bmx.compile_cache import enable_compile_cache
 
@@ -19,7 +21,7 @@ EXPORT_DIR_NAME = "hf_quantized"  # default place of --export-hf inside --out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bmx.quant", description=__doc__,
+    parser = argparse.ArgumentParser(prog=cli.prog("quant"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="float bmx checkpoint or Hugging Face directory (or a quantized checkpoint "
@@ -54,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, OSError) as error:  # bad input or a full disk: one line, no traceback
-        print(f"bmx.quant: error: {error}", file=sys.stderr)
-        return 2
+        return cli.fail("quant", error)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,4 +96,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("quant", main))

@@ -76,7 +76,7 @@ def _scaled_by_block_absmax(flat: np.ndarray, blocksize: int) -> tuple[np.ndarra
     Full blocks multiply by the reciprocal and the trailing partial block divides, as bnb does.
     """
     scaled, absmax = [], []
-    for index, block in enumerate(_blocks(flat, blocksize)):
+    for block in _blocks(flat, blocksize):
         if block.ndim == 2:
             block_max = np.abs(block).max(axis=1)
             reciprocal = np.float32(1.0) / np.maximum(block_max, np.float32(1e-38))

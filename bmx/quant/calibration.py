@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +105,7 @@ def layer_by_layer(model: Mistral, tokens: np.ndarray, chunk: int = 8,
     masking = layer_masking(model)
     layer_graph, stacked = nnx.split(model.model.layers)
     for index in range(model.config.num_hidden_layers):
-        state = jax.tree.map(lambda array: array[index], stacked)
+        state = jax.tree.map(lambda array, index=index: array[index], stacked)
         recorded: dict[str, list] = {path: [] for path in RECORDED_PATHS}
         for position, chunk_hidden in enumerate(hidden):
             cos, sin = rotary_tables(model, *chunk_hidden.shape[:2])

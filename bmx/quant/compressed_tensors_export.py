@@ -141,7 +141,7 @@ def export_compressed_tensors(model: Mistral, out_dir: str | os.PathLike, *, sou
 
     linear_shapes = _linear_shapes(config)
     specs = []
-    for hf_name, row, layer in hf_tensor_order(config):
+    for hf_name, row, _ in hf_tensor_order(config):
         if row.bmx_path in quantized_paths:
             specs += _linear_specs(hf_name.removesuffix(".weight"), scheme, *linear_shapes[quantized_paths[row.bmx_path]])
         else:

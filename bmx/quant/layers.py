@@ -9,7 +9,7 @@ model computes exactly what the float model with the dequantized kernels compute
 from __future__ import annotations
 
 from math import prod
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

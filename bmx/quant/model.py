@@ -7,8 +7,9 @@ The layers are stacked, so each quantized linear holds its arrays with a leading
 
 from __future__ import annotations
 
+from functools import partial
 from math import prod
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +115,12 @@ def dequantized_kernels(model: Mistral) -> dict[str, jax.Array]:
     for path in LINEAR_PATHS:
         linear = linear_at(model.model.layers, path)
         graph, state = nnx.split(linear)
-        kernels[path] = jax.vmap(lambda layer_state: nnx.merge(graph, layer_state).dequantized_kernel())(state)
+        kernels[path] = jax.vmap(partial(_dequantized_kernel, graph))(state)
     return kernels
+
+
+def _dequantized_kernel(graph, layer_state) -> jax.Array:
+    return nnx.merge(graph, layer_state).dequantized_kernel()
 
 
 def dequantize_model(model: Mistral) -> Mistral:

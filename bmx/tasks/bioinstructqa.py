@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
-from bmx.eval.questions import Question
-from bmx.eval.raw_formats import DataFormatError, json_lines
+from bmx.tasks.questions import Question
+from bmx.tasks.raw_formats import DataFormatError, json_lines
 
 LANGUAGES = {"fr": "French", "zh": "Chinese", "ar": "Arabic", "de": "German", "pt": "Portuguese",
              "ru": "Russian", "es": "Spanish"}

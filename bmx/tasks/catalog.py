@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bmx.eval import bioinstructqa, raw_formats
-from bmx.eval.questions import Question
+from bmx.tasks import bioinstructqa, raw_formats
+from bmx.tasks.questions import Question
 
 MMLU_SUBJECTS = ("clinical_knowledge", "medical_genetics", "anatomy", "professional_medicine", "college_biology",
                  "college_medicine")

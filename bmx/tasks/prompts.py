@@ -13,10 +13,10 @@ the shots with their gold letter, the query with none. `" \\n "` is a newline wi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from bmx.eval.questions import Question
-from bmx.eval.tasks import TaskSpec
+from bmx.tasks.catalog import TaskSpec
+from bmx.tasks.questions import Question
 
 BIOMISTRAL_INSTRUCTION = "The following are multiple choice questions (with answers) about medical knowledge. \n "
 BLOCK_SEPARATOR = " \n "

@@ -23,7 +23,7 @@ class Question:
     options: dict[str, str]  # letter -> option text, in the order the options are shown
     answer: str  # gold letter, one of `options`
     context_passages: tuple[str, ...] = ()
-    shot_sets: tuple[tuple["Question", ...], ...] = field(default=(), compare=False)
+    shot_sets: tuple[tuple[Question, ...], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.options:

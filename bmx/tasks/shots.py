@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmx.eval.questions import Question
+from bmx.tasks.questions import Question
 
 
 class ShotSampler:

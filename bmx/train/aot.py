@@ -2,7 +2,9 @@
 
 Compiles the run's train step for a TPU slice this machine does not have (libtpu's compile-only
 devices: `pip install "jax[tpu]"`), from abstract shapes only, and prints per-device HBM, FLOPs,
-compute/HBM/ICI/DCN time and the predicted MFU (a range and its point estimate). Exits 1, naming the largest buffers, when it does not fit.
+compute/HBM/ICI/DCN time and the predicted MFU (a range and its point estimate). Exits 1, naming the
+largest buffers, when it does not fit (a verdict, not an error); a bad config or topology is one line
+`bmx aot: error: ...` (exit 2).
 `--search` tries a grid of mesh splits, remat policies and per-device batches instead and prints the
 fitting ones by predicted MFU. The work is in `bmx.train.aot_compile` and `bmx.train.aot_search`.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from bmx import cli
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -23,7 +27,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bmx.train.aot", description=__doc__,
+    parser = argparse.ArgumentParser(prog=cli.prog("aot"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:4x4x4")
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.seq_len=2048")
     args = parser.parse_args(argv)
 
-    from bmx.config_io import ConfigError, load_config
+    from bmx.config_io import load_config
     from bmx.train.aot_hardware import CHIPS, parse_topology
     from bmx.train.config import RunConfig
 
@@ -55,9 +59,8 @@ def main(argv=None) -> int:
         topology = parse_topology(args.topology, args.slices)
         if args.judge_as is not None and args.judge_as not in CHIPS:
             raise ValueError(f"--judge-as {args.judge_as!r}: known chips are {sorted(CHIPS)}")
-    except (ConfigError, ValueError) as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # a ConfigError naming the key, a missing config file
+        return cli.fail("aot", error)
 
     from bmx.train.aot_format import format_report, not_fitting_message, report_dict
 
@@ -93,4 +96,4 @@ def _write_json(path: str | None, values) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("aot", main))

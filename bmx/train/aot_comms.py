@@ -222,7 +222,7 @@ class CommModel:
                 synchronous += 0.0 if collective.asynchronous else seconds
         return CommTime(ici=ici, ici_synchronous=synchronous, dcn=dcn)
 
-    def summary(self, hlo_text: str) -> list["CollectiveSummary"]:
+    def summary(self, hlo_text: str) -> list[CollectiveSummary]:
         """Collectives of one program grouped by kind, mesh axes and link, largest time first."""
         rows: dict[tuple, list] = {}
         for collective in parse_collectives(hlo_text):

@@ -34,7 +34,7 @@ from bmx.train.setup import TrainSetup, build
 
 @dataclass
 class MemoryPerDevice:
-    arguments: int  # parameters, optimizer state, batch
+    arguments: int  # parameters, optimizer state, batch (and frozen parameters)
     outputs: int
     aliased: int  # outputs written over donated arguments
     temporaries: int
@@ -153,11 +153,11 @@ def aot_run_config(config: RunConfig) -> RunConfig:
 
 
 def step_arguments(setup: TrainSetup, config: RunConfig) -> tuple:
-    """Abstract (params, optimizer state, batch) for `setup.train_step`, with their shardings."""
+    """Abstract (params, optimizer state, batch, frozen) for `setup.train_step`, with their shardings."""
     batch = {name: jax.ShapeDtypeStruct((config.train.global_batch_size, setup.seq_len), dtype,
                                         sharding=setup.data_sharding)
              for name, dtype in {"inputs": "int32", "targets": "int32", "loss_mask": "float32"}.items()}
-    return setup.abstract_params, setup.abstract_opt_state, batch
+    return setup.trainable.abstract_params, setup.abstract_opt_state, batch, setup.trainable.abstract_frozen
 
 
 def _compile_with_buffer_dump(lowered) -> tuple[object | None, str, list[Buffer]]:

@@ -24,7 +24,7 @@ layers and microbatches are copies of one another.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.extend import core as jex_core
@@ -41,13 +41,13 @@ class StepCost:
     ici_synchronous_seconds: float = 0.0  # the part of ici_seconds XLA did not issue asynchronously
     dcn_seconds: float = 0.0  # transfers between slices
 
-    def __add__(self, other: "StepCost") -> "StepCost":
+    def __add__(self, other: StepCost) -> StepCost:
         return StepCost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
-    def __sub__(self, other: "StepCost") -> "StepCost":
+    def __sub__(self, other: StepCost) -> StepCost:
         return StepCost(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
 
-    def scaled(self, factor: float) -> "StepCost":
+    def scaled(self, factor: float) -> StepCost:
         return StepCost(*(getattr(self, f.name) * factor for f in fields(self)))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from bmx.train.aot_compile import AotReport, compile_report
 from bmx.train.aot_hardware import Topology, compile_only_devices

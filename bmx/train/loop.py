@@ -1,15 +1,18 @@
 """`train(config)`: build the mesh and state, resume or initialise, run the loop, checkpoint, export.
 
-Reading order: `train` is the whole story; `bmx.train.setup.build` makes everything it compiles.
+Reading order: `train` is the whole story; `bmx.train.setup.build` makes everything it compiles, and
+`bmx.train.trainable` says what each task trains and holds frozen.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +63,13 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _evaluate(eval_step, params, frozen_args: tuple, config: RunConfig, sharding) -> dict[str, float]:
+def _evaluate(eval_step, params, frozen, config: RunConfig, sharding) -> dict[str, float]:
     loader = make_loader(config.data.path, split="validation", global_batch_size=config.train.global_batch_size,
                          seed=0, num_epochs=1)
     loss_total, tokens = 0.0, 0.0
     for _, local_batch in zip(range(config.train.eval_batches), loader):
         loss_sum, count = eval_step(params, _global_batch(local_batch, sharding, config.train.global_batch_size),
-                                    *frozen_args)
+                                    frozen)
         loss_total, tokens = loss_total + float(loss_sum), tokens + float(count)
     mean = loss_total / max(tokens, 1.0)
     return {"eval_loss": mean, "eval_perplexity": float(np.exp(mean)), "eval_tokens": tokens}
@@ -94,7 +97,6 @@ def train(config: RunConfig, devices=None) -> dict[str, Any]:
 
 def _train_steps(config: RunConfig, setup, manager, loader, run_dir: epath.Path, meta: dict) -> dict[str, Any]:
     step, params, opt_state, frozen = _starting_state(config, setup, manager, loader, meta)
-    frozen_args = () if frozen is None else (frozen,)  # sft: the base model, an argument of every step
     if jax.process_index() == 0:
         _record_config(run_dir, meta["config"])
     _keep_superseded_metrics(run_dir, step)
@@ -103,11 +105,11 @@ def _train_steps(config: RunConfig, setup, manager, loader, run_dir: epath.Path,
         try:
             while step < config.train.steps:
                 batch = _global_batch(next(loader), setup.data_sharding, config.train.global_batch_size)
-                params, opt_state, step_metrics = setup.train_step(params, opt_state, batch, *frozen_args)
+                params, opt_state, step_metrics = setup.train_step(params, opt_state, batch, frozen)
                 step += 1
                 final = step == config.train.steps
                 reporter.step_done(step, step_metrics, force=final or stop.requested,
-                                   evaluate=lambda: _evaluate(setup.eval_step, params, frozen_args, config,
+                                   evaluate=functools.partial(_evaluate, setup.eval_step, params, frozen, config,
                                                               setup.data_sharding))
                 if step % config.checkpoint.every == 0 or final or stop.requested:
                     checkpointing.save(manager, step, params, opt_state, loader.get_state(), meta, force=True)
@@ -121,8 +123,9 @@ def _train_steps(config: RunConfig, setup, manager, loader, run_dir: epath.Path,
     reporter.close()
     checkpointing.wait_until_finished(manager)
     if not stop.requested and step >= config.train.steps:
-        if frozen is not None:
-            params = _merge_adapters(setup, config, params, frozen, run_dir / "adapter")
+        if config.task == "sft":
+            _write_adapter(setup, config, params, frozen, run_dir / "adapter")
+        params = setup.trainable.export(params, frozen, lambda: _read_base(config, setup))
         with checkpointing.naming_write_failures(run_dir / "model"):
             _write_final_model(run_dir, setup.model_config, params, config.export_hf)
     return {"step": step, **reporter.last}
@@ -190,28 +193,27 @@ def _keep_superseded_metrics(run_dir: epath.Path, step: int) -> None:
 
 
 def _starting_state(config: RunConfig, setup, manager, loader, meta: dict) -> tuple[int, Any, Any, Any]:
-    """(step, params, opt_state, frozen): resumed from the newest good checkpoint, else initialised from
-    `init.from` or from scratch. `frozen` is the base model under LoRA adapters (sft), else None."""
-    param_dtype = jnp.dtype(config.model.param_dtype)
-    frozen = initial_adapters = None
-    if setup.attach_adapters is not None:  # the base is re-read on every (re)start: checkpoints hold adapters
-        base = read_params(config.init.from_, setup.abstract_base, dtype=param_dtype)
-        initial_adapters, frozen = setup.attach_adapters(base)
-    restored = checkpointing.restore_latest(manager, setup.abstract_params, setup.abstract_opt_state, meta)
-    if restored is not None:
-        step, params, opt_state, loader_state, _ = restored
-        loader.set_state(loader_state)
-        log.warning("resumed from step %d of %s", step, manager.directory)
-        return step, params, opt_state, frozen
-    if frozen is not None:
-        params = initial_adapters
-    elif config.init.from_ is not None:
-        params = read_params(config.init.from_, setup.abstract_params, dtype=param_dtype)
-    else:
-        params = jax.jit(lambda: nnx.state(setup.build_model(config.init.seed)).to_pure_dict(),
-                         out_shardings=setup.param_sharding)()
-    opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.opt_sharding)(params)
-    return 0, params, opt_state, frozen
+    """(step, params, opt_state, frozen): resumed from the newest good checkpoint, else started from
+    `init.from` or from scratch. Checkpoints hold only what trains: the frozen part (sft's base) is
+    rebuilt from `init.from` on every (re)start."""
+    trainable = setup.trainable
+    restored = checkpointing.restore_latest(manager, trainable.abstract_params, setup.abstract_opt_state, meta)
+    if restored is None:
+        params, frozen = trainable.start(_read_base(config, setup))
+        return 0, params, jax.jit(setup.optimizer.init, out_shardings=setup.opt_sharding)(params), frozen
+    step, params, opt_state, loader_state, _ = restored
+    loader.set_state(loader_state)
+    log.warning("resumed from step %d of %s", step, manager.directory)
+    # Only a frozen part needs `init.from` again: pretraining's checkpoint holds every parameter.
+    _, frozen = trainable.start(_read_base(config, setup)) if trainable.abstract_frozen else (None, {})
+    return step, params, opt_state, frozen
+
+
+def _read_base(config: RunConfig, setup):
+    """The parameters stored in `init.from`, as the task reads them (None without `init.from`)."""
+    if config.init.from_ is None:
+        return None
+    return read_params(config.init.from_, setup.trainable.abstract_base, dtype=jnp.dtype(config.model.param_dtype))
 
 
 class _Reporter:
@@ -258,18 +260,16 @@ class _Reporter:
         self.writer.close()
 
 
-def _merge_adapters(setup, config: RunConfig, adapters, frozen, adapter_dir: epath.Path):
-    """sft: write the adapters in PEFT's layout to `adapter_dir`, and return the base with them folded in."""
+def _write_adapter(setup, config: RunConfig, adapters, frozen, adapter_dir: epath.Path) -> None:
+    """sft: the trained adapters in PEFT's layout, in `adapter_dir`."""
     from jax.experimental import multihost_utils
 
     from bmx.lora import save_peft_adapter
 
     host_adapters = multihost_utils.process_allgather(adapters, tiled=True)  # small: rank-r matrices
     if jax.process_index() == 0:
-        save_peft_adapter(nnx.merge(setup.graphdef, host_adapters, frozen), config.lora, adapter_dir,
+        save_peft_adapter(nnx.merge(setup.trainable.graphdef, host_adapters, frozen), config.lora, adapter_dir,
                           base_model_name_or_path=config.init.from_)
-    return setup.merge_adapters(adapters, frozen, lambda: read_params(
-        config.init.from_, setup.abstract_base, dtype=jnp.dtype(config.model.param_dtype)))
 
 
 def _write_final_model(run_dir: epath.Path, model_config: MistralConfig, params, export_hf: str | None) -> None:

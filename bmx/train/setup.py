@@ -1,15 +1,17 @@
 """Everything a run needs before its first step, from abstract shapes only (nothing allocated).
 
-`build(config)` gives the mesh, the shardings, the abstract parameters and optimizer state, and the
-jitted train and eval steps. The training loop uses it, and so can ahead-of-time compilation.
+`build(config)` gives the mesh, the shardings, what the task trains (`trainable`: params and the
+frozen rest, `bmx.train.trainable`), the abstract optimizer state, and the jitted steps
+`train_step(params, opt_state, batch, frozen)` and `eval_step(params, batch, frozen)`, whatever the
+task (`frozen` is `{}` for pretraining). The training loop uses it, and so can ahead-of-time compilation.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +19,15 @@ import optax
 from flax import nnx
 
 from bmx.config_io import ConfigError
-from bmx.lora.adapters import apply_lora, merge_lora
 from bmx.checkpoints import read_model_config
 from bmx.model.config import MistralConfig, preset
 from bmx.model.kernels import default_attention
 from bmx.model.mistral import Mistral
 from bmx.train.config import RunConfig
-from bmx.train.mesh import batch_sharding, make_mesh, param_shardings, replicated, rules_for
+from bmx.train.mesh import batch_sharding, make_mesh, replicated, rules_for
 from bmx.train.optimizer import learning_rate_schedule, make_optimizer
 from bmx.train.step import make_eval_step, make_loss_fn, make_train_step
+from bmx.train.trainable import Trainable, make_trainable, shardings_of, with_shardings
 
 AUTO_CHUNK = 8192
 AUTO_CHUNK_ABOVE_BYTES = 2**30  # chunk the loss when one device's float32 logits would exceed this
@@ -38,19 +40,14 @@ class TrainSetup:
     model_config: MistralConfig
     seq_len: int
     build_model: Callable[[int], Mistral]
-    graphdef: nnx.GraphDef  # merged with the params (and, for sft, the frozen params) into the model
-    param_sharding: Any
+    trainable: Trainable  # what the optimizer updates, what stays frozen, how it starts and is exported
     opt_sharding: Any
-    abstract_params: Any  # ShapeDtypeStructs with shardings
-    abstract_opt_state: Any
+    abstract_opt_state: Any  # ShapeDtypeStructs with shardings
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     data_sharding: jax.sharding.NamedSharding
-    train_step: Callable  # (params, opt_state, batch[, frozen]) -> (params, opt_state, metrics)
-    eval_step: Callable  # (params, batch[, frozen]) -> (loss sum, token count); frozen only for sft
-    abstract_base: Any = None  # sft: the base model's parameters, as `init.from` stores them
-    attach_adapters: Callable | None = None  # sft: base params -> (LoRA params, frozen params), sharded
-    merge_adapters: Callable | None = None  # sft: (LoRA params, frozen, read_base) -> merged float params
+    train_step: Callable  # (params, opt_state, batch, frozen) -> (params, opt_state, metrics)
+    eval_step: Callable  # (params, batch, frozen) -> (loss sum, token count)
 
 
 def resolve_model_config(config: RunConfig) -> MistralConfig:
@@ -106,10 +103,6 @@ def _check_batch_divides(config: RunConfig, data_sharding: jax.sharding.NamedSha
                           f"multiple of {devices * config.train.grad_accumulation}")
 
 
-def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def build(config: RunConfig, devices=None) -> TrainSetup:
     if config.train.global_batch_size % config.train.grad_accumulation:
         raise ValueError(f"train.global_batch_size {config.train.global_batch_size} is not a multiple of "
@@ -124,80 +117,25 @@ def build(config: RunConfig, devices=None) -> TrainSetup:
         return Mistral(model_config, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat,
                        attention=attention, rngs=nnx.Rngs(seed))
 
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build_model(config.init.seed)))
-    sft = _sft_parts(config, build_model, graphdef, mesh, rules) if config.task == "sft" else None
-    if sft is not None:
-        base_sharding = nnx.State(param_shardings(abstract_state, mesh, rules)).to_pure_dict()
-        abstract_base = _with_shardings(abstract_state.to_pure_dict(), base_sharding)
-        graphdef, abstract_state, frozen, attach_adapters, merge_adapters = sft
-        frozen_sharding = (frozen,)  # the steps take the frozen params as a 4th (eval: 3rd) argument
-    else:
-        abstract_base, frozen_sharding, attach_adapters, merge_adapters = None, (), None, None
-    param_sharding = nnx.State(param_shardings(abstract_state, mesh, rules)).to_pure_dict()
-    abstract_params = _with_shardings(abstract_state.to_pure_dict(), param_sharding)
+    trainable = make_trainable(config, build_model, mesh, rules)
+    param_sharding, frozen_sharding = shardings_of(trainable.abstract_params), shardings_of(trainable.abstract_frozen)
     schedule = learning_rate_schedule(config.optimizer, config.schedule, config.train.steps)
     optimizer = make_optimizer(config.optimizer, schedule)
-    unsharded_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+    unsharded_opt_state = jax.eval_shape(optimizer.init, trainable.abstract_params)
     # Moments are sharded like their parameters; step counters are replicated.
     opt_sharding = optax.tree_utils.tree_map_params(optimizer, lambda _, sharding: sharding, unsharded_opt_state,
                                                     param_sharding, transform_non_params=lambda _: replicated(mesh))
     data_sharding = batch_sharding(mesh, rules)
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    loss_sums = make_loss_fn(graphdef, vocab_chunk=loss_vocab_chunk(config, model_config, seq_len, batch_devices),
-                             z_loss_weight=config.train.z_loss, document_masking=config.data.document_masking)
-    dropout_seed = config.init.seed if sft is not None and config.lora.dropout > 0 else None
+    vocab_chunk = loss_vocab_chunk(config, model_config, seq_len, batch_devices=mesh.shape["data"] * mesh.shape["fsdp"])
+    loss_sums = make_loss_fn(trainable.graphdef, vocab_chunk=vocab_chunk, z_loss_weight=config.train.z_loss,
+                             document_masking=config.data.document_masking)
     train_step = jax.jit(make_train_step(loss_sums, optimizer, config.train.grad_accumulation, mesh, rules,
-                                         dropout_seed=dropout_seed),
-                         in_shardings=(param_sharding, opt_sharding, data_sharding, *frozen_sharding),
+                                         dropout_seed=trainable.dropout_seed),
+                         in_shardings=(param_sharding, opt_sharding, data_sharding, frozen_sharding),
                          out_shardings=(param_sharding, opt_sharding, replicated(mesh)), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(loss_sums, mesh, rules),
-                        in_shardings=(param_sharding, data_sharding, *frozen_sharding), out_shardings=replicated(mesh))
+                        in_shardings=(param_sharding, data_sharding, frozen_sharding), out_shardings=replicated(mesh))
     return TrainSetup(mesh=mesh, rules=rules, model_config=model_config, seq_len=seq_len, build_model=build_model,
-                      graphdef=graphdef, param_sharding=param_sharding, opt_sharding=opt_sharding,
-                      abstract_params=abstract_params, abstract_opt_state=_with_shardings(unsharded_opt_state, opt_sharding), optimizer=optimizer,
-                      schedule=schedule, data_sharding=data_sharding, train_step=train_step, eval_step=eval_step,
-                      abstract_base=abstract_base, attach_adapters=attach_adapters, merge_adapters=merge_adapters)
-
-
-def _sft_parts(config: RunConfig, build_model: Callable[[int], Mistral], plain_graphdef, mesh, rules):
-    """For `task: sft`: (graphdef of the adapted model, abstract LoRA state, shardings of the frozen
-    params, attach_adapters, merge_adapters). Only A and B are trained; the base (quantized with
-    `lora.base_quantization`: QLoRA) and the dropout keys are frozen."""
-    if config.init.from_ is None:
-        raise ValueError("task: sft trains LoRA adapters on a base model: set init.from to a bmx checkpoint")
-    from bmx.quant.model import quantize_abstractly, quantize_model
-    from bmx.quant.schemes import make_scheme
-
-    seed, method = config.init.seed, config.lora.base_quantization
-    # QLoRA quantizes NF4/FP4 with double quantization, as the QLoRA paper does.
-    scheme = None if method == "none" else make_scheme(method, double_quant=method in ("nf4", "fp4"))
-
-    def adapted(model: Mistral, quantize: Callable) -> Mistral:
-        return apply_lora(model if scheme is None else quantize(model, scheme), config.lora, seed=seed)
-
-    abstract = nnx.eval_shape(lambda: adapted(build_model(seed), quantize_abstractly))
-    graphdef, abstract_lora, abstract_frozen = nnx.split(abstract, nnx.LoRAParam, ...)
-    frozen_sharding = nnx.State(param_shardings(abstract_frozen, mesh, rules)).to_pure_dict()
-    lora_sharding = nnx.State(param_shardings(abstract_lora, mesh, rules)).to_pure_dict()
-
-    def attach_adapters(base_params):
-        """Base params (as `init.from` stores them) -> (initial LoRA params, frozen params), sharded."""
-        quantize = functools.partial(quantize_model, progress=jax.process_index() == 0)
-        model = adapted(nnx.merge(plain_graphdef, base_params), quantize)
-        _, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
-        return (jax.device_put(lora.to_pure_dict(), lora_sharding),
-                jax.device_put(frozen.to_pure_dict(), frozen_sharding))
-
-    def merge_adapters(adapters, frozen, read_base: Callable[[], Any]):
-        """The float model's params with the adapters folded in; under QLoRA into the float base
-        (`read_base()`), never into its quantized copy."""
-        if scheme is None:
-            model = nnx.merge(graphdef, adapters, frozen)
-        else:
-            model = apply_lora(nnx.merge(plain_graphdef, read_base()), config.lora, seed=seed)
-            adapter_state = nnx.state(model, nnx.LoRAParam)
-            adapter_state.replace_by_pure_dict(adapters)
-            nnx.update(model, adapter_state)
-        return nnx.state(merge_lora(model)).to_pure_dict()
-
-    return graphdef, abstract_lora, frozen_sharding, attach_adapters, merge_adapters
+                      trainable=trainable, opt_sharding=opt_sharding,
+                      abstract_opt_state=with_shardings(unsharded_opt_state, opt_sharding), optimizer=optimizer,
+                      schedule=schedule, data_sharding=data_sharding, train_step=train_step, eval_step=eval_step)

@@ -1,19 +1,21 @@
-"""The jitted train and eval steps: pure functions of (params, optimizer state, batch).
+"""The jitted train and eval steps: pure functions of (params, optimizer state, batch, frozen).
 
-Parameters travel as a nested dict of arrays (`nnx.State.to_pure_dict()`), merged into the model
-inside the step, so shardings, donation and checkpointing all see plain PyTrees.
+Parameters travel as nested dicts of arrays (`nnx.State.to_pure_dict()`): `params`, what the optimizer
+updates, and `frozen`, the rest of the model (`{}` when every parameter trains; see
+`bmx.train.trainable`), merged into the model inside the step, so shardings, donation and
+checkpointing all see plain PyTrees and no module is changed while tracing.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bmx.lora.adapters import set_lora_dropout
+from bmx.lora.adapters import with_lora_dropout
 from bmx.model.mistral import Mistral
 from bmx.model.sharding import logical_sharding
 from bmx.train.loss import chunked_cross_entropy
@@ -29,15 +31,9 @@ def _head_kernel(model: Mistral) -> jax.Array:
 
 
 def make_loss_fn(graphdef, *, vocab_chunk: int, z_loss_weight: float, document_masking: bool) -> Callable:
-    def loss_sums(params, batch: Batch, frozen=None, dropout_key=None):
-        """(loss + z-loss summed over tokens, (loss sum, token count)).
-
-        `frozen`: parameters that are not trained (the base model under LoRA adapters), merged with
-        `params` into the model; `dropout_key` turns the adapters' dropout on for this forward.
-        """
-        model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
-        if dropout_key is not None:
-            set_lora_dropout(model, dropout_key)
+    def loss_sums(params, batch: Batch, frozen):
+        """(loss + z-loss summed over tokens, (loss sum, token count)) of `nnx.merge(graphdef, params, frozen)`."""
+        model = nnx.merge(graphdef, params, frozen)
         use_segments = document_masking and "segment_ids" in batch
         hidden = model.hidden_states(batch["inputs"], positions=batch.get("positions") if use_segments else None,
                                      segment_ids=batch["segment_ids"] if use_segments else None)
@@ -60,29 +56,31 @@ def _split_microbatches(batch: Batch, accumulation: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def _dropout_key(seed: int | None, opt_state) -> jax.Array | None:
+def _dropout_key(seed: int, opt_state) -> jax.Array:
     """A fresh dropout key per optimizer step, from the step count the optimizer state keeps (so a
     resumed run draws the masks an uninterrupted one would)."""
-    if seed is None:
-        return None
     (_, count), *_ = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
     return jax.random.fold_in(jax.random.key(seed), count)
 
 
 def make_train_step(loss_sums: Callable, optimizer: optax.GradientTransformation, accumulation: int,
                     mesh, rules, dropout_seed: int | None = None) -> Callable:
-    """`train_step(params, opt_state, batch, frozen=None)`: gradients and updates for `params` only."""
+    """`train_step(params, opt_state, batch, frozen)`: gradients and updates for `params` only.
+
+    With `dropout_seed`, the LoRA adapters in `frozen` get this step's dropout keys (`with_lora_dropout`).
+    """
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
-    def train_step(params, opt_state, batch: Batch, frozen=None):
-        dropout_key = _dropout_key(dropout_seed, opt_state)
+    def train_step(params, opt_state, batch: Batch, frozen):
+        if dropout_seed is not None:
+            frozen = with_lora_dropout(frozen, _dropout_key(dropout_seed, opt_state))
         with logical_sharding(mesh, rules):
             if accumulation == 1:
-                (_, (loss_sum, count)), grads = grad_fn(params, batch, frozen, dropout_key)
+                (_, (loss_sum, count)), grads = grad_fn(params, batch, frozen)
             else:
                 def accumulate(carry, microbatch):
                     grads_sum, loss_total, count_total = carry
-                    (_, (loss_sum, count)), grads = grad_fn(params, microbatch, frozen, dropout_key)
+                    (_, (loss_sum, count)), grads = grad_fn(params, microbatch, frozen)
                     return (jax.tree.map(jnp.add, grads_sum, grads), loss_total + loss_sum, count_total + count), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
@@ -99,7 +97,7 @@ def make_train_step(loss_sums: Callable, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(loss_sums: Callable, mesh, rules) -> Callable:
-    def eval_step(params, batch: Batch, frozen=None):
+    def eval_step(params, batch: Batch, frozen):
         with logical_sharding(mesh, rules):
             _, (loss_sum, count) = loss_sums(params, batch, frozen)
         return loss_sum, count

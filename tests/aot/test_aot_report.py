@@ -63,7 +63,7 @@ def test_report_memory_is_per_device_and_counts_every_argument(v5p_report):
     # TPU tiles pad small minor dimensions (here 64 → 128), so XLA's sizes are at least the raw ones.
     assert arguments <= memory.arguments <= 4 * arguments
     # Donation: the new parameters and optimizer state are written over the old ones.
-    assert memory.aliased >= shard_bytes((setup.abstract_params, setup.abstract_opt_state))
+    assert memory.aliased >= shard_bytes((setup.trainable.abstract_params, setup.abstract_opt_state))
     assert memory.total == memory.arguments + memory.outputs - memory.aliased + memory.temporaries + memory.code
     assert memory.temporaries > 0 and memory.total < v5p_report.chip.hbm_bytes
 

@@ -14,7 +14,7 @@ from bmx.convert.__main__ import main as convert_cli
 from bmx.eval.calibration import renormalise
 from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_task, results_document
 from bmx.eval.scorers import LogitsFnScorer
-from bmx.eval.tasks import load_task
+from bmx.tasks.catalog import load_task
 from bmx.tokenizer import load_tokenizer
 
 MAX_LENGTH = 1024

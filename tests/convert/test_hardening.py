@@ -93,7 +93,7 @@ def test_a_lying_header_is_refused_as_the_safetensors_library_refuses_it(tmp_pat
             [handle.get_tensor(name) for name in handle.keys()]
     assert convert_cli(["hf-to-bmx", str(model), str(tmp_path / "bmx")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith(f"error: {file}: ") and CORRUPTIONS[corrupt] in error and "\n" not in error
+    assert error.startswith(f"bmx convert: error: {file}: ") and CORRUPTIONS[corrupt] in error and "\n" not in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing written, no staging debris
 
 
@@ -151,10 +151,10 @@ def test_non_float_weights_and_a_bad_config_json_are_refused_naming_the_file(tmp
     config.write_text(config.read_text()[:-20])  # cut short
     assert convert_cli(["hf-to-bmx", str(model), str(tmp_path / "bmx")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith(f"error: {config}: not valid JSON") and "\n" not in error
+    assert error.startswith(f"bmx convert: error: {config}: not valid JSON") and "\n" not in error
     config.write_text(json.dumps({"model_type": "mistral", "hidden_act": "gelu"}))
     assert convert_cli(["hf-to-bmx", str(model), str(tmp_path / "bmx")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {config}: ")
+    assert capsys.readouterr().err.startswith(f"bmx convert: error: {config}: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 

@@ -42,7 +42,7 @@ def one_line_error(capsys) -> str:
     """The CLI's error: one line, the last on stderr (after any progress bars), no traceback."""
     err = capsys.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
-    assert "Traceback" not in err and err.count("error: ") == 1 and last.startswith("error: "), err
+    assert "Traceback" not in err and err.count("error: ") == 1 and last.startswith("bmx data: error: "), err
     return last
 
 

@@ -144,7 +144,7 @@ def test_tar_gz_package_gives_the_same_shards_as_its_files(tmp_path, article):
     settings = PrepareSettings(seq_len=128, val_fraction=0.2)
     from_tar = prepare([str(package)], tmp_path / "tar", settings, progress=False)
     from_files = prepare([str(article(n)) for n in names], tmp_path / "files", settings, progress=False)
-    assert from_tar["documents"] == 3 and from_tar["skipped"] == []
+    assert from_tar["documents"] == from_files["documents"] == 3 and from_tar["skipped"] == []
     assert from_tar["inputs"][0]["format"] == "tar"
     shards = [n for n in directory_bytes(tmp_path / "files") if n.endswith(".array_record")]
     for name in shards:

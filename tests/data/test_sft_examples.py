@@ -10,12 +10,12 @@ import torch
 from flax import nnx
 from generate.generation_testing import hf_and_bmx
 
-from bmx.eval.letter_protocol import letter_token_ids
-from bmx.eval.prompts import biomistral_prompt
-from bmx.eval.raw_formats import read_medqa_jsonl
 from bmx.data.loader import batch_features
 from bmx.data.sft_examples import TokenizedExample, pack_rows, render_qa_example, tokenize_example
 from bmx.data.shards import SEGMENT_IDS, TOKENS, TRAINABLE
+from bmx.eval.letter_protocol import letter_token_ids
+from bmx.tasks.prompts import biomistral_prompt
+from bmx.tasks.raw_formats import read_medqa_jsonl
 from bmx.tokenizer import load_tokenizer
 from bmx.train.loss import chunked_cross_entropy
 from bmx.train.step import _head_kernel

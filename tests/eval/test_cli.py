@@ -67,7 +67,7 @@ def test_bad_input_is_one_line_naming_what_is_wrong(tmp_path, tiny_bmx_ckpt, cap
                  "--out", str(tmp_path / "out")])
     assert code == 2
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "missing" in error and error.startswith("bmx.eval: error:")
+    assert "\n" not in error and "missing" in error and error.startswith("bmx eval: error:")
     code = main(["--ensemble", "a", "b", "--protocol", "loglik", "--out", str(tmp_path / "out")])
     assert code == 2 and "biomistral" in capsys.readouterr().err
 

@@ -9,9 +9,9 @@ import torch
 
 from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_task
 from bmx.eval.letter_protocol import LetterScores, letter_token_ids, score_letters
-from bmx.eval.prompts import biomistral_prompt
 from bmx.eval.scorers import JaxModelScorer, LogitsFnScorer
-from bmx.eval.tasks import load_task
+from bmx.tasks.catalog import load_task
+from bmx.tasks.prompts import biomistral_prompt
 from bmx.tokenizer import load_tokenizer
 
 LIMIT = 6

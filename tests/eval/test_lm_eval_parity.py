@@ -15,8 +15,8 @@ import pytest
 
 from bmx.eval.evaluate import EvalSettings, evaluate_task
 from bmx.eval.loglik_protocol import score_pairs
-from bmx.eval.prompts import TARGET_DELIMITER, lm_eval_choices, lm_eval_context
-from bmx.eval.tasks import TASKS, load_task
+from bmx.tasks.catalog import TASKS, load_task
+from bmx.tasks.prompts import TARGET_DELIMITER, lm_eval_choices, lm_eval_context
 
 pytestmark = pytest.mark.slow  # one lm-eval run plus bmx on 16 questions per task; all 1273 with BMX_FULL_TESTS=1
 

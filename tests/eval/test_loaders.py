@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from bmx.eval import bioinstructqa, raw_formats
-from bmx.eval.raw_formats import DataFormatError
-from bmx.eval.tasks import GROUPS, TASKS, load_task, resolve_tasks
+from bmx.tasks import bioinstructqa, raw_formats
+from bmx.tasks.catalog import GROUPS, TASKS, load_task, resolve_tasks
+from bmx.tasks.raw_formats import DataFormatError
 
 MEDQA_FILE = "medqa/US_4_options_phrases_no_exclude_test.jsonl"
 

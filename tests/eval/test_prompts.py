@@ -2,10 +2,10 @@
 
 import pytest
 
-from bmx.eval.prompts import biomistral_prompt, lm_eval_choices, lm_eval_context
-from bmx.eval.questions import Question
-from bmx.eval.shots import ShotSampler, seeds_for
-from bmx.eval.tasks import TASKS, load_task
+from bmx.tasks.catalog import TASKS, load_task
+from bmx.tasks.prompts import biomistral_prompt, lm_eval_choices, lm_eval_context
+from bmx.tasks.questions import Question
+from bmx.tasks.shots import ShotSampler, seeds_for
 
 QUERY = Question("q", "What is 2+2?", {"A": "3", "B": "4"}, "B")
 SHOT_WITH_CONTEXT = Question("s1", "Capital of France?", {"A": "Paris", "B": "Rome"}, "A",

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from bmx.eval import raw_formats
-from bmx.eval.tasks import TASKS, load_task
+from bmx.tasks import raw_formats
+from bmx.tasks.catalog import TASKS, load_task
 
 # Hendrycks et al.'s MMLU test split sizes for the six medical subjects.
 MMLU_TEST_COUNTS = {"anatomy": 135, "clinical_knowledge": 265, "college_biology": 144, "college_medicine": 173,

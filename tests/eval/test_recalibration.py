@@ -88,7 +88,7 @@ def test_calibrated_eval_reports_before_after_and_fits_only_on_held_out_question
     from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks, results_document
     from bmx.eval.report import write_outputs
     from bmx.eval.scorers import LogitsFnScorer
-    from bmx.eval.tasks import load_tasks
+    from bmx.tasks.catalog import load_tasks
     from bmx.tokenizer import load_tokenizer
 
     # The protocol's arithmetic is what is tested here, so the tiny model runs in PyTorch: nothing to compile.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bmx.eval.__main__ import main, parse_args, resolve_suite
-from bmx.eval.tasks import SUITES
+from bmx.tasks.catalog import SUITES
 
 LEADERBOARD = "open-medical-llm"
 
@@ -34,7 +34,7 @@ def test_suite_results_are_in_the_leaderboards_column_order_with_its_unweighted_
     from bmx.eval.evaluate import EvalModel, EvalSettings, evaluate_tasks, results_document
     from bmx.eval.report import write_outputs
     from bmx.eval.scorers import LogitsFnScorer
-    from bmx.eval.tasks import load_tasks
+    from bmx.tasks.catalog import load_tasks
     from bmx.tokenizer import load_tokenizer
 
     model = EvalModel("tiny", LogitsFnScorer(torch_logits_fn(tiny_torch_model), max_length=2048),

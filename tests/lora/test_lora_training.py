@@ -9,7 +9,7 @@ from flax import nnx
 import pytest
 from generate.generation_testing import bmx_logits, hf_and_bmx
 
-from bmx.lora import LoRAConfig, LoRALinear, apply_lora, set_lora_dropout, split_lora
+from bmx.lora import LoRAConfig, LoRALinear, apply_lora, split_lora, with_lora_dropout
 from bmx.model import load
 from bmx.model.layers import Linear
 
@@ -31,14 +31,14 @@ def test_updating_lora_params_lowers_the_loss_and_leaves_the_base_untouched(chec
     model = apply_lora(load(checkpoint)[0], LoRAConfig(rank=4, alpha=8, dropout=0.05))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (4, 16)))
     graphdef, lora_state, frozen = split_lora(model)
+    lora_state, frozen = lora_state.to_pure_dict(), frozen.to_pure_dict()
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(lora_state)
 
     @jax.jit
     def step(lora_state, opt_state, key):
         def loss(lora_state):
-            model = nnx.merge(graphdef, lora_state, frozen)
-            set_lora_dropout(model, key)
+            model = nnx.merge(graphdef, lora_state, with_lora_dropout(frozen, key))
             return next_token_loss(model, tokens)
 
         value, grads = jax.value_and_grad(loss)(lora_state)
@@ -52,24 +52,26 @@ def test_updating_lora_params_lowers_the_loss_and_leaves_the_base_untouched(chec
     assert losses[-1] < losses[0] - 0.05
     trained = nnx.merge(graphdef, lora_state, frozen)
     _, _, frozen_after = split_lora(trained)
-    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen)
+    jax.tree.map(np.testing.assert_array_equal, frozen_after.to_pure_dict(), frozen)
 
 
-def test_dropout_is_off_until_a_key_is_set_and_follows_the_key(checkpoint):
+def test_dropout_is_off_without_a_key_follows_the_key_and_leaves_the_model_alone(checkpoint):
     model = apply_lora(load(checkpoint)[0], LoRAConfig(rank=4, alpha=8, dropout=0.3))
     for _, module in nnx.iter_graph(model):
         if isinstance(module, LoRALinear):
             module.lora_b.value = 0.1 * jnp.ones_like(module.lora_b[...])
     tokens = jnp.arange(12)[None]
     plain = bmx_logits(model, tokens)
-    set_lora_dropout(model, jax.random.key(1))
-    first = bmx_logits(model, tokens)
+    graphdef, state = nnx.split(model)
+
+    def dropping(key):
+        return nnx.merge(graphdef, with_lora_dropout(state.to_pure_dict(), key))
+
+    first = bmx_logits(dropping(jax.random.key(1)), tokens)
     assert not np.allclose(first, plain)
-    np.testing.assert_array_equal(bmx_logits(model, tokens), first)
-    set_lora_dropout(model, jax.random.key(2))
-    assert not np.allclose(bmx_logits(model, tokens), first)
-    set_lora_dropout(model, None)
-    np.testing.assert_array_equal(bmx_logits(model, tokens), plain)
+    np.testing.assert_array_equal(bmx_logits(dropping(jax.random.key(1)), tokens), first)
+    assert not np.allclose(bmx_logits(dropping(jax.random.key(2)), tokens), first)
+    np.testing.assert_array_equal(bmx_logits(model, tokens), plain)  # pure: the model's dropout is still off
 
 
 def test_dropout_keeps_the_expected_update():
@@ -82,10 +84,8 @@ def test_dropout_keeps_the_expected_update():
     undropped = module(x)
     graphdef, state = nnx.split(module)
 
-    def dropped(key):
-        dropping = nnx.merge(graphdef, state)
-        dropping.set_dropout_key(jax.random.bits(key, (4,), jnp.uint32))
-        return dropping(x)
+    def dropped(key):  # a key in the module's state turns its dropout on
+        return nnx.merge(graphdef, {**state.to_pure_dict(), "dropout_key": jax.random.bits(key, (4,), jnp.uint32)})(x)
 
     outputs = jax.vmap(dropped)(jax.random.split(jax.random.key(3), 4000))
     assert float(jnp.mean(jnp.isclose(outputs, undropped))) < 0.05  # dropout did act

@@ -105,7 +105,7 @@ def test_cli_reports_one_line_and_exit_code_2(odd_models, tmp_path, capsys):
     config = write_config(odd_models / f"{tmp_path.name}.yaml", two_model_ties("base", "lying_mlp"))
     assert main([str(config), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and error.startswith("error: tensor 'model.layers.0.mlp.up_proj.weight': shapes differ")
+    assert error.count("\n") == 0 and error.startswith("bmx merge: error: tensor 'model.layers.0.mlp.up_proj.weight': shapes differ")
     assert not (tmp_path / "out").exists()
 
 

@@ -55,8 +55,12 @@ def test_blocked_attention_and_its_gradients_equal_dense_autodiff(name):
     def loss(attention):
         return lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent)
 
-    blocked = lambda q, k, v: causal_blocked_attention(q, k, v, masking, 0.25, block)
-    dense = lambda q, k, v: dense_reference(q, k, v, masking, 0.25)
+    def blocked(q, k, v):
+        return causal_blocked_attention(q, k, v, masking, 0.25, block)
+
+    def dense(q, k, v):
+        return dense_reference(q, k, v, masking, 0.25)
+
     np.testing.assert_allclose(jax.jit(blocked)(q, k, v) * seen, dense(q, k, v) * seen, atol=2e-6, rtol=1e-5)
     ours = jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
     reference = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
@@ -70,7 +74,10 @@ def test_blocked_attention_gradients_in_bfloat16_follow_float32():
     grads = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         q, k, v = random_inputs(seq, dtype)
-        loss = lambda q, k, v: jnp.sum(causal_blocked_attention(q, k, v, masking, 0.25, block).astype(jnp.float32) ** 2)
+
+        def loss(q, k, v):
+            return jnp.sum(causal_blocked_attention(q, k, v, masking, 0.25, block).astype(jnp.float32) ** 2)
+
         grads[dtype] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for low, high in zip(grads[jnp.bfloat16], grads[jnp.float32]):
         assert low.dtype == jnp.bfloat16

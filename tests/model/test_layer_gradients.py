@@ -12,7 +12,10 @@ from bmx.model.layers import rms_norm, swiglu
 def test_swiglu_gradients_equal_autodiff(dtype, tolerance):
     rng = np.random.default_rng(0)
     gate, up, cotangent = (jnp.asarray(rng.standard_normal((3, 5, 64)) * 4, dtype) for _ in range(3))
-    plain = lambda gate, up: jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+
+    def plain(gate, up):
+        return jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+
     np.testing.assert_allclose(np.asarray(swiglu(gate, up), np.float32), plain(gate, up), rtol=tolerance, atol=tolerance)
     ours = jax.vjp(swiglu, gate, up)[1](cotangent)
     reference = jax.vjp(plain, gate, up)[1](cotangent.astype(jnp.float32))

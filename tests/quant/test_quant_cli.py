@@ -42,7 +42,7 @@ def test_int8_with_calibration_finds_outlier_columns(tiny_ckpt, pmc_tokens, tmp_
 
 def one_line_error(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bmx.quant: error: "), lines
+    assert len(lines) == 1 and lines[0].startswith("bmx quant: error: "), lines
     return lines[0]
 
 

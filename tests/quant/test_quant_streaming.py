@@ -25,9 +25,11 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tiny_ckpt, tmp_path, metho
     save_quantized(quantize(model, method, double_quant=double_quant, progress=False), tmp_path / "in_memory",
                    source=tiny_ckpt)
     streamed, in_memory = read_params(tmp_path / "streamed"), read_params(tmp_path / "in_memory")
-    flat = lambda tree, keys=(): {k: v for key, value in tree.items()
-                                  for k, v in (flat(value, (*keys, key)).items() if isinstance(value, dict)
-                                               else [((*keys, key), value)])}
+
+    def flat(tree, keys=()):
+        return {k: v for key, value in tree.items()
+                for k, v in (flat(value, (*keys, key)).items() if isinstance(value, dict) else [((*keys, key), value)])}
+
     streamed, in_memory = flat(streamed), flat(in_memory)
     assert sorted(streamed) == sorted(in_memory)
     for key, value in in_memory.items():

@@ -46,7 +46,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, case, remat):
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((2, seq), np.float32)}
 
     def mean_loss(params):
-        total, (_, count) = loss_sums(params, batch)
+        total, (_, count) = loss_sums(params, batch, {})
         return total / count
 
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(state.to_pure_dict())

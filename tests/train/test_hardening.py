@@ -80,13 +80,13 @@ def test_out_of_range_numbers_are_config_errors_naming_the_key(override, message
 def test_yaml_errors_and_python_tags_are_one_line_naming_the_file(tmp_path, capsys):
     tagged = tmp_path / "tagged.yaml"
     tagged.write_text("train: !!python/object/apply:os.system ['touch pwned']\n")
-    assert f"config error: {tagged}: not valid YAML" in cli_error(capsys, "--config", str(tagged))
+    assert f"bmx train: error: {tagged}: not valid YAML" in cli_error(capsys, "--config", str(tagged))
     assert not (tmp_path / "pwned").exists()
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  steps: [1, 2\n")
-    assert f"config error: {broken}: not valid YAML (line 3" in cli_error(capsys, "--config", str(broken))
+    assert f"bmx train: error: {broken}: not valid YAML (line 3" in cli_error(capsys, "--config", str(broken))
     good = write_yaml(tmp_path / "good.yaml", run_values(tmp_path / "run", tmp_path))
-    assert "config error: override 'train.steps=[1': not valid YAML" in cli_error(
+    assert "bmx train: error: override 'train.steps=[1': not valid YAML" in cli_error(
         capsys, "--config", str(good), "train.steps=[1")
 
 
@@ -95,7 +95,7 @@ def test_yaml_errors_and_python_tags_are_one_line_naming_the_file(tmp_path, caps
 def test_missing_empty_or_unset_data_is_one_line(tmp_path, capsys, pmc_tokens):
     config = write_yaml(tmp_path / "c.yaml", run_values(tmp_path / "run", tmp_path / "nowhere"))
     assert f"{tmp_path / 'nowhere' / 'manifest.json'} not found" in cli_error(capsys, "--config", str(config))
-    assert "config error: data.path: not set" in cli_error(capsys, "--config", str(config), "data.path=")
+    assert "bmx train: error: data.path: not set" in cli_error(capsys, "--config", str(config), "data.path=")
     empty = tmp_path / "empty"  # one short text: fewer tokens than one sequence
     (tmp_path / "short.txt").write_text("Aspirin inhibits cyclooxygenase.")
     prepare([str(tmp_path / "short.txt")], empty, PrepareSettings(seq_len=64), progress=False)
@@ -134,7 +134,7 @@ def small_disk(tmp_path):
 def test_a_read_only_run_dir_is_one_line(tmp_path, capsys, pmc_tokens, small_disk):
     read_only = small_disk("1m", read_only=True)
     config = write_yaml(tmp_path / "c.yaml", run_values(read_only / "run", pmc_tokens))
-    assert f"error: run_dir {read_only / 'run'} is not writable (Read-only file system)" in cli_error(
+    assert f"bmx train: error: run_dir {read_only / 'run'} is not writable (Read-only file system)" in cli_error(
         capsys, "--config", str(config))
 
 
@@ -160,8 +160,10 @@ def saved_run(values: dict, steps: tuple[int, ...], full_size: bool = False) -> 
             return jax.device_put(jax.random.normal(jax.random.key(0), leaf.shape, leaf.dtype), leaf.sharding)
         return jnp.zeros(leaf.shape, leaf.dtype, device=leaf.sharding)
 
-    filled = lambda tree: jax.tree.map(fill, tree)
-    params, opt_state = filled(setup.abstract_params), filled(setup.abstract_opt_state)
+    def filled(tree):
+        return jax.tree.map(fill, tree)
+
+    params, opt_state = filled(setup.trainable.abstract_params), filled(setup.abstract_opt_state)
     loader = make_loader(config.data.path, global_batch_size=config.train.global_batch_size, seed=0,
                          process_index=0, process_count=1)
     manager = checkpointing.make_manager(run_dir, config.checkpoint)

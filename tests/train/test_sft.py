@@ -10,7 +10,7 @@ from bmx.config_io import from_dict
 from bmx.convert import hf_to_bmx
 from bmx.data.loader import make_loader
 from bmx.data.prepare_sft import SFTSettings, prepare_sft
-from bmx.eval.tasks import load_task
+from bmx.tasks.catalog import load_task
 from bmx.model.checkpoint import read_params
 from bmx.tokenizer import load_tokenizer
 from bmx.train.config import RunConfig
@@ -103,7 +103,7 @@ def test_qlora_trains_adapters_on_an_nf4_base_and_merges_them_into_the_float_bas
         "checkpoint": {"every": 100}, "logging": {"tensorboard": False, "progress": False},
     })
     setup = build(config)
-    _, frozen = setup.attach_adapters(read_params(base_checkpoint, setup.abstract_base))
+    _, frozen = setup.trainable.start(read_params(base_checkpoint, setup.trainable.abstract_base))
     q_proj = frozen["model"]["layers"]["self_attn"]["q_proj"]["base"]
     assert "kernel" not in q_proj and q_proj["packed"].dtype == np.uint8  # the base is held in 4 bits
 

@@ -79,7 +79,8 @@ def logged_rows(records) -> dict[int, dict]:
     return rows
 
 
-def test_offline_run_holds_every_metrics_jsonl_row_and_the_resolved_config(tmp_path, pmc_tokens, offline_wandb):
+def test_offline_run_holds_every_metrics_jsonl_row_and_the_resolved_config(
+        tmp_path, pmc_tokens, offline_wandb):  # noqa: F811 (pmc_tokens: the fixture imported above)
     import jax
 
     from bmx.train.loop import train
