@@ -81,6 +81,34 @@ def _masked_and_rescaled(delta: jax.Array, keep: jax.Array, rescale: bool) -> ja
     return jnp.where(degenerate, masked, masked * scale)
 
 
+def _counts_at_or_above(keys: jax.Array, weights: jax.Array) -> jax.Array:
+    """For each 16-bit key value b, how many (weighted) entries have a key ≥ b."""
+    counts = jnp.zeros(1 << 16, jnp.int32).at[keys].add(weights)
+    return jnp.cumsum(counts[::-1])[::-1]
+
+
+def _highest_key_reaching(at_or_above: jax.Array, count: jax.Array) -> jax.Array:
+    """The largest key b with at least `count` entries at or above it (-1 when none)."""
+    return jnp.sum(at_or_above >= count) - 1
+
+
+def kth_largest_magnitude(magnitudes: jax.Array, k: jax.Array) -> jax.Array:
+    """`jnp.sort(magnitudes)[magnitudes.size - k]` for non-negative float32 magnitudes, without a sort.
+
+    Non-negative floats are ordered as their bit patterns, so the k-th largest is found by two 16-bit
+    histograms (a radix select): the high half's bucket that holds it, then its low half within that
+    bucket. Linear in the size; XLA's CPU sort of a 7B MLP matrix (58.7M entries) takes ~28× longer.
+    """
+    bits = jax.lax.bitcast_convert_type(magnitudes, jnp.uint32)
+    high, low = (bits >> 16).astype(jnp.int32), (bits & 0xFFFF).astype(jnp.int32)
+    high_at_or_above = _counts_at_or_above(high, jnp.ones_like(high))
+    bucket = _highest_key_reaching(high_at_or_above, k)
+    strictly_above = jnp.where(bucket + 1 < 1 << 16, high_at_or_above[jnp.minimum(bucket + 1, (1 << 16) - 1)], 0)
+    low_at_or_above = _counts_at_or_above(low, (high == bucket).astype(jnp.int32))
+    rest = _highest_key_reaching(low_at_or_above, k - strictly_above)
+    return jax.lax.bitcast_convert_type((bucket.astype(jnp.uint32) << 16) | rest.astype(jnp.uint32), jnp.float32)
+
+
 @partial(jax.jit, static_argnames=("rescale",))
 def keep_largest(delta: jax.Array, keep_count: jax.Array, rescale: bool) -> jax.Array:
     """TIES sparsification: keep the `keep_count` entries of largest magnitude, zero the rest.
@@ -89,7 +117,7 @@ def keep_largest(delta: jax.Array, keep_count: jax.Array, rescale: bool) -> jax.
     `keep_count` survive, deterministically.
     """
     magnitudes = jnp.abs(delta).astype(jnp.float32).reshape(-1)
-    threshold = jnp.sort(magnitudes)[magnitudes.size - keep_count]
+    threshold = kth_largest_magnitude(magnitudes, keep_count)
     above = magnitudes > threshold
     tied = magnitudes == threshold
     tied_kept = tied & (jnp.cumsum(tied) <= keep_count - jnp.sum(above))
