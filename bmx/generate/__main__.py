@@ -127,7 +127,7 @@ def _run(args, prompts: list[str], sampling: Sampling):
         from bmx.lora import load_peft_adapter
 
         model = load_peft_adapter(model, args.adapter)
-    model = unstack_layers(model)  # the decoding layout, in place of the loaded one (no second copy kept)
+    model = unstack_layers(model, consume=True)  # the decoding layout; the loaded arrays freed as it goes
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(args.ckpt))
     console = None if args.quiet else OrderedConsole(prompts)
     with warnings.catch_warnings():  # a truncated prompt's warning as one console line, when it happens

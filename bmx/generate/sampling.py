@@ -56,5 +56,6 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 def next_tokens(logits: jax.Array, sampling: Sampling, key: jax.Array) -> jax.Array:
     """One token id per row `[batch]` (int32) from `logits [batch, vocab]`."""
     if sampling.is_greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        # top_k(1) is argmax (the lowest index among equal maxima) at about half of XLA:CPU's argmax time.
+        return jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)

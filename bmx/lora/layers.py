@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmx.model import products
 from bmx.model.layers import Linear
 
 LORA_RANK_AXIS = "lora_rank"  # a logical axis no sharding rule names: A and B stay whole along the rank
@@ -94,9 +95,8 @@ class LoRALinear(nnx.Module):
             x_lora = x
         contracted = self.base.num_contracted
         into_rank = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
-        low_rank = jax.lax.dot_general(x_lora.astype(dtype), self.lora_a[...].astype(dtype), into_rank,
-                                       preferred_element_type=dtype)  # [..., rank]
+        low_rank = products.dot_general(x_lora.astype(dtype), self.lora_a[...].astype(dtype), into_rank,
+                                        dtype)  # [..., rank]
         out_of_rank = (((low_rank.ndim - 1,), (0,)), ((), ()))
-        update = jax.lax.dot_general(low_rank, self.lora_b[...].astype(dtype), out_of_rank,
-                                     preferred_element_type=out_dtype)
+        update = products.dot_general(low_rank, self.lora_b[...].astype(dtype), out_of_rank, out_dtype)
         return self.base(x, out_dtype) + update * jnp.asarray(self.scale, out_dtype)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from bmx.model import products
 from bmx.model.causal_attention import block_spans, blocked_causal_attention
 
 QUERY_BLOCK = 64  # queries per block of causal attention: fastest on CPU (32: 10% slower, 128: 10%, 256: 30%)
@@ -86,7 +87,7 @@ def _softmax_attention(q, k, v, allowed, scale):
     # A finite floor (not -inf) keeps fully padded query rows finite instead of NaN.
     scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probabilities = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bksgt,btkd->bskgd", probabilities, v)
+    return products.einsum("bksgt,btkd->bskgd", probabilities, v, v.dtype)
 
 
 _recomputed_softmax_attention = jax.checkpoint(_softmax_attention, static_argnums=(4,))
@@ -166,4 +167,4 @@ def attention_over_cache(q, keys, values, visible, scale: float) -> jax.Array:
     scores = jnp.einsum("bskgd,bkdt->bkgt", q, keys, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probabilities = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    return jnp.einsum("bkgt,bktd->bkgd", probabilities, values)[:, None]
+    return products.einsum("bkgt,bktd->bkgd", probabilities, values, values.dtype)[:, None]

@@ -7,6 +7,7 @@ the trainer maps these names onto the device mesh (see `bmx.model.sharding`).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bmx.model import products
 from bmx.model.sharding import constrain
 
 
@@ -64,10 +66,16 @@ class Linear(nnx.Module):
         # transposed before the weight-gradient matmul (12% of a training step).
         leading = x.shape[:x.ndim - contracted]
         tokens = x.reshape(-1, *x.shape[x.ndim - contracted:])
-        kernel_contracted = range(kernel.ndim - contracted, kernel.ndim) if self.outputs_first else range(contracted)
-        dimensions = ((tuple(range(1, 1 + contracted)), tuple(kernel_contracted)), ((), ()))
-        out = jax.lax.dot_general(tokens.astype(self.dtype), kernel, dimensions,
-                                  preferred_element_type=out_dtype or self.dtype)
+        if self.outputs_first:
+            # As one [outputs, inputs] matrix (a free reshape): with the heads as their own axes XLA:CPU
+            # copies the kernel into the transposed layout at every call.
+            out_shape = kernel.shape[:kernel.ndim - contracted]
+            matrix = kernel.reshape(math.prod(out_shape), -1)
+            out = products.dot_general(tokens.reshape(tokens.shape[0], -1).astype(self.dtype), matrix,
+                                       (((1,), (1,)), ((), ())), out_dtype or self.dtype)
+            return out.reshape(*leading, *out_shape)
+        dimensions = ((tuple(range(1, 1 + contracted)), tuple(range(contracted))), ((), ()))
+        out = products.dot_general(tokens.astype(self.dtype), kernel, dimensions, out_dtype or self.dtype)
         return out.reshape(*leading, *out.shape[1:])
 
 
@@ -81,8 +89,8 @@ class Embedding(nnx.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Logits against the embedding matrix (tied LM head), in float32."""
-        return jnp.einsum("bse,ve->bsv", hidden, self.weight[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return products.dot_general(hidden, self.weight[...].astype(self.dtype), (((2,), (1,)), ((), ())),
+                                    jnp.float32)
 
 
 class RMSNorm(nnx.Module):

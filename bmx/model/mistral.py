@@ -261,32 +261,47 @@ def default_positions(input_ids: jax.Array, attention_mask: jax.Array | None) ->
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def unstack_layers(model: Mistral) -> Mistral:
+def unstack_layers(model: Mistral, *, consume: bool = False) -> Mistral:
     """The same model in the layout decoding reads fastest: its decoder layers as a list of modules, and
-    each projection wider than it is deep (gate, up, the LM head) stored outputs-first
-    (`Linear.store_outputs_first`). It shares every other array with `model`.
+    its projections stored outputs-first (`Linear.store_outputs_first`): every one of a 16-bit model
+    (XLA:CPU's bfloat16 products run 2-4x faster so, at one row as at 512), in float32 those wider
+    than deep (gate, up, the LM head), as float32 deep ones run faster inputs-first.
 
     Why: XLA:CPU copies each layer's weights out of the stacked arrays before multiplying by them
     (the dynamic slice of a scan is not fused into the matmul). Against a training step's large
     matmuls that copy is small; in a decode step, which only streams the weights once, it doubles
-    the memory traffic. The list costs one copy of the layer weights, made here once.
+    the memory traffic. The new layout is one copy of the layer weights, made here once. It shares the
+    other arrays with `model`, which is left as it was; with `consume` each stacked array of `model`
+    is freed as soon as its layers are copied out, so the peak is the model plus its largest stacked
+    array, not two models (a 7B in 24 GB), and `model` is unusable afterwards.
     """
     if isinstance(model.model.layers, nnx.List):
         return model
     graphdef, state = nnx.split(model)
     unstacked = nnx.merge(graphdef, state)  # new modules, same arrays: `model` itself is left alone
     layer_graph, layer_state = nnx.split(unstacked.model.layers)
-    layers = []
-    for i in range(model.config.num_hidden_layers):
-        layer = nnx.merge(layer_graph, jax.tree.map(lambda x, i=i: x[i], layer_state))
+    stacked, treedef = jax.tree.flatten(layer_state)
+    per_layer: list[list[jax.Array]] = [[] for _ in range(model.config.num_hidden_layers)]
+    for index in range(len(stacked)):
+        array, stacked[index] = stacked[index], None
+        for i, arrays in enumerate(per_layer):
+            arrays.append(array[i])
+        if consume:
+            array.delete()
+        del array
+    del state, layer_state
+    modules = []
+    for arrays in per_layer:
+        layer = nnx.merge(layer_graph, jax.tree.unflatten(treedef, arrays))
         for _, variable in nnx.iter_graph(layer):
             axes = variable.get_metadata().get("logical_axes") if isinstance(variable, nnx.Variable) else None
             if axes and axes[0] == "layers":
                 variable.set_metadata(logical_axes=tuple(axes[1:]))
-        layers.append(layer)
-    unstacked.model.layers = nnx.List(layers)
+        modules.append(layer)
+        arrays.clear()
+    unstacked.model.layers = nnx.List(modules)
     for _, module in nnx.iter_graph(unstacked):
-        if type(module) is Linear and math.prod(module.kernel.shape[module.num_contracted:]) > math.prod(
-                module.kernel.shape[:module.num_contracted]):
+        if type(module) is Linear and (jnp.dtype(module.kernel.dtype).itemsize < 4 or math.prod(
+                module.kernel.shape[module.num_contracted:]) > math.prod(module.kernel.shape[:module.num_contracted])):
             module.store_outputs_first()
     return unstacked

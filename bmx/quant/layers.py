@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bmx.model import products
 from bmx.quant.schemes import Scheme
 
 
@@ -65,5 +66,4 @@ class QuantizedLinear(nnx.Module):
         kernel = self.dequantized_kernel()
         contracted = self.num_contracted
         dimensions = ((tuple(range(x.ndim - contracted, x.ndim)), tuple(range(contracted))), ((), ()))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel, dimensions,
-                                   preferred_element_type=out_dtype or self.dtype)
+        return products.dot_general(x.astype(self.dtype), kernel, dimensions, out_dtype or self.dtype)

@@ -5,12 +5,13 @@ import pytest
 from generate.generation_testing import hf_and_bmx, hf_greedy, random_prompts
 from hf_reference import hf_logits
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from bmx.generate import generate_token_ids
 from bmx.generate.loop import left_pad
-from bmx.model import KVCache, unstack_layers
+from bmx.model import KVCache, load, unstack_layers
 from bmx.model.kv_cache import cache_slots
 
 # Window 8 with prompts of 5, 13 and 30 tokens (dense and block-local prefill) and 40 new tokens:
@@ -85,3 +86,23 @@ def test_empty_prompt_is_refused(tmp_path):
     _, model = hf_and_bmx(tmp_path)
     with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
         generate_token_ids(model, [[5, 6], []], max_new_tokens=3)
+
+
+def test_bfloat16_model_unstacked_in_place_decodes_like_transformers(tmp_path):
+    """A bfloat16 model (kernels outputs-first, products through float32 on CPU) unstacked with
+    `consume`: the stacked arrays are freed, and batch-1 decode logits stay near transformers'."""
+    reference, _ = hf_and_bmx(tmp_path, sliding_window=8)
+    stacked, _ = load(tmp_path / "bmx", "bfloat16", compute_dtype="bfloat16")
+    stacked_arrays = jax.tree.leaves(nnx.state(stacked.model.layers))
+    model = unstack_layers(stacked, consume=True)
+    assert all(array.is_deleted() for array in stacked_arrays)
+    assert model.model.layers[0].mlp.gate_proj.outputs_first and model.model.layers[0].self_attn.q_proj.outputs_first
+    prompt, continuation = random_prompts((7, 12), model.config.vocab_size, seed=5)
+    step = nnx.jit(lambda model, ids, cache: model(ids, cache=cache))
+    logits, cache = step(model, jnp.asarray([prompt]), KVCache.empty(model.config, 1, cache_slots(8, 19)))
+    steps = [np.asarray(logits)[0, -1]]
+    for token in continuation[:-1]:
+        logits, cache = step(model, jnp.asarray([[token]]), cache)
+        steps.append(np.asarray(logits)[0, -1])
+    expected = hf_logits(reference, np.asarray([prompt + continuation[:-1]]))[0, len(prompt) - 1:]
+    assert np.abs(np.stack(steps) - expected).max() < 0.05 * np.abs(expected).max()
