@@ -83,29 +83,38 @@ def find_tokenizer(path: str | os.PathLike) -> str:
 
 
 def load(path: str | os.PathLike, *, dtype=None, compute_dtype=None, remat: str = "none",
-         shardings: dict[str, Any] | None = None):
+         shardings: dict[str, Any] | None = None, decoding_layout: bool = False):
     """`(model, config)` from a bmx, quantized or Hugging Face directory, local or `gs://…`.
 
-    `dtype`: parameter dtype (default: as stored). `compute_dtype`: `bmx.model.checkpoint.default_compute_dtype()`
-    (bfloat16 on GPU/TPU, float32 on CPU). `shardings`: optional nested dict of `jax.sharding.Sharding`s,
-    one per parameter, to place the parameters straight onto a mesh (not for quantized checkpoints).
+    `dtype`: parameter dtype (default: as stored). `compute_dtype`: `bmx.model.checkpoint.default_compute_dtype`
+    (bfloat16 on GPU/TPU; on CPU a 16-bit model's own dtype, else float32). `shardings`: optional nested
+    dict of `jax.sharding.Sharding`s, one per parameter, to place the parameters straight onto a mesh
+    (not for quantized checkpoints). `decoding_layout`: the model in `bmx.model.unstack_layers`'s layout
+    (generation, and scoring on CPU), never holding two copies of the layers; a bmx checkpoint is read
+    into it one layer at a time.
     """
+    from bmx.model import unstack_layers
+
     kind = checkpoint_kind(path)
     if kind in PROVIDERS:
         if kind not in _LOADERS:
             importlib.import_module(PROVIDERS[kind])  # registers its loader
-        return _LOADERS[kind](path, dtype=dtype, compute_dtype=compute_dtype, remat=remat, shardings=shardings)
-    if kind == "bmx":
+        model, config = _LOADERS[kind](path, dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+                                       shardings=shardings)
+    elif kind == "bmx":
         from bmx.model.checkpoint import load as load_bmx
 
-        return load_bmx(path, dtype, compute_dtype=compute_dtype, remat=remat, shardings=shardings)
-    from bmx.convert.hf_params import read_hf_params
-    from bmx.model.checkpoint import model_from_params
+        return load_bmx(path, dtype, compute_dtype=compute_dtype, remat=remat, shardings=shardings,
+                        decoding_layout=decoding_layout)
+    else:
+        from bmx.convert.hf_params import read_hf_params
+        from bmx.model.checkpoint import model_from_params
 
-    config, params = read_hf_params(path, dtype=dtype)
-    model = model_from_params(config, params, compute_dtype=compute_dtype, remat=remat, shardings=shardings,
-                              source=str(path))
-    return model, config
+        config, params = read_hf_params(path, dtype=dtype)
+        model = model_from_params(config, params, compute_dtype=compute_dtype, remat=remat, shardings=shardings,
+                                  source=str(path))
+        del params
+    return (unstack_layers(model, consume=True) if decoding_layout else model), config
 
 
 

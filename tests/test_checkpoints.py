@@ -79,3 +79,52 @@ def test_an_hf_directory_on_an_object_store_loads_like_a_local_one(model_dirs, f
     assert config.num_hidden_layers == 2
     np.testing.assert_allclose(np.asarray(model(INPUT_IDS)), hf_logits(reference, INPUT_IDS), atol=1e-4)
     assert checkpoints.find_tokenizer("gs://bucket/models/hf") == "mistral-v0.1"
+
+
+@pytest.mark.parametrize("kind", ["bmx", "hf"])
+def test_the_decoding_layout_loads_with_transformers_logits(model_dirs, kind):
+    from flax import nnx
+
+    root, reference = model_dirs
+    model, _ = checkpoints.load(root / kind, decoding_layout=True)
+    assert isinstance(model.model.layers, nnx.List) and len(model.model.layers) == 2
+    np.testing.assert_allclose(np.asarray(model(INPUT_IDS)), hf_logits(reference, INPUT_IDS), atol=1e-4)
+
+
+def test_a_bmx_checkpoint_read_layer_by_layer_equals_the_stacked_one_unstacked(model_dirs):
+    import jax
+    from flax import nnx
+
+    from bmx.model import unstack_layers
+
+    root, _ = model_dirs
+    by_layer, _ = checkpoints.load(root / "bmx", dtype="bfloat16", decoding_layout=True)
+    unstacked = unstack_layers(checkpoints.load(root / "bmx", dtype="bfloat16")[0])
+    a, b = nnx.state(by_layer, nnx.Param).to_pure_dict(), nnx.state(unstacked, nnx.Param).to_pure_dict()
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, left), right in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        assert left.dtype == right.dtype and np.array_equal(np.asarray(left), np.asarray(right)), path
+
+
+def test_a_layer_that_cannot_be_read_is_named(model_dirs, monkeypatch):
+    import bmx.model.checkpoint as bmx_checkpoint
+
+    class Unreadable:  # what tensorstore raises on a truncated chunk
+        def __getitem__(self, layer):
+            raise OSError("DATA_LOSS: Error reading chunk")
+
+    monkeypatch.setattr(bmx_checkpoint, "open_param", lambda directory, keys: Unreadable())
+    root, _ = model_dirs
+    with pytest.raises(ValueError, match=r"cannot read parameter model\.layers\.\w+.*DATA_LOSS.*damaged bmx"):
+        checkpoints.load(root / "bmx", decoding_layout=True)
+
+
+def test_the_compute_dtype_follows_a_16_bit_model_on_cpu():
+    import jax.numpy as jnp
+
+    from bmx.model.checkpoint import default_compute_dtype
+
+    assert default_compute_dtype() == jnp.float32
+    assert default_compute_dtype(jnp.float32) == jnp.float32
+    assert default_compute_dtype("bfloat16") == jnp.bfloat16
+    assert default_compute_dtype(jnp.float16) == jnp.float16

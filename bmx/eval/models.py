@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 from etils import epath
 
 from bmx.eval.evaluate import EvalModel
@@ -21,6 +22,8 @@ def load_eval_model(ckpt: str | os.PathLike, *, tokenizer: str | None = None, dt
     """Load `ckpt` (any kind of model directory) for evaluation on all local devices."""
     from bmx.checkpoints import find_tokenizer, load
 
-    model, _ = load(ckpt, dtype=dtype)
+    # On CPU the decoding layout scores faster (a 16-bit model about twice as fast: its products
+    # outputs-first, no per-layer weight copies out of the scan), and generation can share it.
+    model, _ = load(ckpt, dtype=dtype, decoding_layout=jax.default_backend() == "cpu")
     return EvalModel(name=name or epath.Path(ckpt).name, scorer=JaxModelScorer(model, max_length=max_length),
                      tokenizer=load_tokenizer(tokenizer or find_tokenizer(ckpt)))

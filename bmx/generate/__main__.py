@@ -122,12 +122,12 @@ def _run(args, prompts: list[str], sampling: Sampling):
     from bmx.model import unstack_layers
     from bmx.tokenizer import load_tokenizer
 
-    model, _ = load(args.ckpt)
-    if args.adapter:
+    if args.adapter:  # adapters attach to the stacked layers, then the whole goes to the decoding layout
         from bmx.lora import load_peft_adapter
 
-        model = load_peft_adapter(model, args.adapter)
-    model = unstack_layers(model, consume=True)  # the decoding layout; the loaded arrays freed as it goes
+        model = unstack_layers(load_peft_adapter(load(args.ckpt)[0], args.adapter), consume=True)
+    else:
+        model, _ = load(args.ckpt, decoding_layout=True)
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(args.ckpt))
     console = None if args.quiet else OrderedConsole(prompts)
     with warnings.catch_warnings():  # a truncated prompt's warning as one console line, when it happens

@@ -29,7 +29,7 @@ from flax import nnx
 from orbax.checkpoint import type_handlers
 
 from bmx.model.config import MistralConfig
-from bmx.model.mistral import Mistral
+from bmx.model.mistral import Mistral, layers_as_list, unstack_layers
 from bmx.paths import absolute
 
 METADATA_FILE = "bmx_checkpoint.json"
@@ -197,17 +197,29 @@ def open_param(directory: str | os.PathLike, keys: tuple[str, ...]):
                             use_ocdbt=stored.get("use_ocdbt", True))
 
 
-def default_compute_dtype():
-    """What a loaded model computes in unless told: bfloat16 on GPU/TPU, float32 on CPU."""
-    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+def default_compute_dtype(param_dtype=None):
+    """What a loaded model computes in unless told: bfloat16 on GPU/TPU; on CPU the parameters' own
+    dtype when it is a 16-bit float (as transformers does), otherwise float32.
+
+    Why 16-bit on CPU: `bmx.model.products` takes its products on the AVX512-BF16/AMX kernels, several
+    times faster than float32 ones, and a float32 computation of 16-bit weights also converts every
+    weight at every use.
+    """
+    if jax.default_backend() in ("gpu", "tpu"):
+        return jnp.bfloat16
+    if param_dtype is not None and jnp.dtype(param_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return jnp.dtype(param_dtype)
+    return jnp.float32
 
 
 def load(ckpt_dir: str | os.PathLike, dtype=None, *, compute_dtype=None, remat: str = "none",
-         shardings: dict[str, Any] | None = None) -> tuple[Mistral, MistralConfig]:
+         shardings: dict[str, Any] | None = None, decoding_layout: bool = False) -> tuple[Mistral, MistralConfig]:
     """`(model, config)` from a bmx checkpoint.
 
-    `dtype`: parameter dtype (default: as stored). `compute_dtype`: bfloat16 on GPU/TPU, float32 on
-    CPU by default. `shardings`: optional nested dict of `jax.sharding.Sharding`s per parameter.
+    `dtype`: parameter dtype (default: as stored). `compute_dtype`: `default_compute_dtype(param dtype)`.
+    `shardings`: optional nested dict of `jax.sharding.Sharding`s per parameter. `decoding_layout`: the
+    model as `unstack_layers` lays it out, read one layer at a time (peak: the model plus one layer's
+    array; not with `shardings`).
     Quantized checkpoints and Hugging Face directories load through `bmx.checkpoints.load`.
     """
     config = read_config(ckpt_dir)
@@ -215,7 +227,7 @@ def load(ckpt_dir: str | os.PathLike, dtype=None, *, compute_dtype=None, remat: 
         raise ValueError(f"{ckpt_dir}: a quantized checkpoint; load it with `bmx.checkpoints.load`")
     stored = params_metadata(ckpt_dir)
     param_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(jax.tree.leaves(stored)[0].dtype)
-    compute_dtype = compute_dtype or default_compute_dtype()
+    compute_dtype = compute_dtype or default_compute_dtype(param_dtype)
     abstract_model = nnx.eval_shape(lambda: Mistral(config, dtype=compute_dtype, param_dtype=param_dtype,
                                                     remat=remat))
     graph, abstract_state = nnx.split(abstract_model)
@@ -223,10 +235,36 @@ def load(ckpt_dir: str | os.PathLike, dtype=None, *, compute_dtype=None, remat: 
     if shardings is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     check_same_structure(ckpt_dir, target, stored)
+    if decoding_layout and shardings is None:
+        return _load_layer_by_layer(ckpt_dir, graph, abstract_state, target, param_dtype), config
     restored = read_params(ckpt_dir, target, dtype=param_dtype)
     restored = jax.tree.map(jnp.asarray, restored)
     abstract_state.replace_by_pure_dict(restored)
-    return nnx.merge(graph, abstract_state), config
+    model = nnx.merge(graph, abstract_state)
+    return (unstack_layers(model, consume=True) if decoding_layout else model), config
+
+
+def _load_layer_by_layer(ckpt_dir, graph, abstract_state, target: dict, param_dtype) -> Mistral:
+    """The decoding layout straight from the checkpoint: everything but the layers restored whole, each
+    stacked layer parameter read one layer's slice at a time (a stacked array is never in memory)."""
+    outside_layers = {**target, "model": {k: v for k, v in target["model"].items() if k != "layers"}}
+    nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, read_params(ckpt_dir, outside_layers,
+                                                                                   dtype=param_dtype)))
+    handles: dict[tuple[str, ...], Any] = {}
+
+    def read_layer(path, _abstract, layer: int) -> jax.Array:
+        keys = ("model", "layers", *(entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)))
+        if keys not in handles:
+            handles.clear()  # one parameter at a time
+            handles[keys] = open_param(ckpt_dir, keys)
+        try:
+            array = handles[keys][layer].read().result()
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{ckpt_dir}: cannot read parameter {'.'.join(keys)} ({_first_line(error)}): "
+                             "a damaged bmx checkpoint") from None
+        return jnp.asarray(array.astype(param_dtype, copy=False))
+
+    return layers_as_list(nnx.merge(graph, abstract_state), read_layer)
 
 
 def check_same_structure(ckpt_dir, expected: dict, stored: dict) -> None:
@@ -251,7 +289,7 @@ def model_from_params(config: MistralConfig, params: dict[str, Any], *, compute_
     so a sharded model never exists whole on one device. `source` names the arrays in errors.
     """
     param_dtype = jnp.dtype(params["model"]["embed_tokens"]["weight"].dtype)
-    compute_dtype = compute_dtype or default_compute_dtype()
+    compute_dtype = compute_dtype or default_compute_dtype(param_dtype)
     graph, abstract_state = nnx.split(nnx.eval_shape(
         lambda: Mistral(config, dtype=compute_dtype, param_dtype=param_dtype, remat=remat)))
     expected = abstract_state.to_pure_dict()

@@ -273,22 +273,35 @@ def unstack_layers(model: Mistral, *, consume: bool = False) -> Mistral:
     the memory traffic. The new layout is one copy of the layer weights, made here once. It shares the
     other arrays with `model`, which is left as it was; with `consume` each stacked array of `model`
     is freed as soon as its layers are copied out, so the peak is the model plus its largest stacked
-    array, not two models (a 7B in 24 GB), and `model` is unusable afterwards.
+    array, not two models, and `model` is unusable afterwards. (`bmx.model.load(...,
+    decoding_layout=True)` reads a checkpoint straight into this layout, one layer at a time.)
     """
     if isinstance(model.model.layers, nnx.List):
         return model
+
+    def take(_path, stacked: jax.Array, layer: int) -> jax.Array:
+        array = stacked[layer]
+        if consume and layer == model.config.num_hidden_layers - 1:
+            stacked.delete()
+        return array
+
+    return layers_as_list(model, take)
+
+
+def layers_as_list(model: Mistral, take: Callable[[tuple, object, int], jax.Array]) -> Mistral:
+    """`model` (concrete or abstract) in `unstack_layers`'s layout, each layer's array of a stacked
+    parameter given by `take(path in the layers' state, stacked leaf, layer index)`, layer by layer
+    for one parameter after another."""
     graphdef, state = nnx.split(model)
     unstacked = nnx.merge(graphdef, state)  # new modules, same arrays: `model` itself is left alone
     layer_graph, layer_state = nnx.split(unstacked.model.layers)
-    stacked, treedef = jax.tree.flatten(layer_state)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(layer_state)
     per_layer: list[list[jax.Array]] = [[] for _ in range(model.config.num_hidden_layers)]
-    for index in range(len(stacked)):
-        array, stacked[index] = stacked[index], None
-        for i, arrays in enumerate(per_layer):
-            arrays.append(array[i])
-        if consume:
-            array.delete()
-        del array
+    for index, (path, stacked) in enumerate(leaves):
+        leaves[index] = None
+        for layer, arrays in enumerate(per_layer):
+            arrays.append(take(path, stacked, layer))
+        del stacked
     del state, layer_state
     modules = []
     for arrays in per_layer:

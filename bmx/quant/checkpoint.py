@@ -128,7 +128,7 @@ def _abstract_model(config, scheme, stored, dtype, compute_dtype, remat):
     from bmx.model.checkpoint import default_compute_dtype
 
     param_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(stored["model"]["embed_tokens"]["weight"].dtype)
-    compute_dtype = compute_dtype or default_compute_dtype()
+    compute_dtype = compute_dtype or default_compute_dtype(param_dtype)
     abstract = nnx.eval_shape(lambda: quantized_skeleton(config, scheme, stored, param_dtype=param_dtype,
                                                          compute_dtype=compute_dtype, remat=remat))
     return nnx.split(abstract)
