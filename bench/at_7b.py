@@ -222,10 +222,20 @@ def compare_inference(bmx: dict, hf: dict) -> dict:
     same_ids = [a == b for a, b in zip(bmx["greedy_ids"], hf["greedy_ids"])]
     first_difference = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                         for a, b in zip(bmx["greedy_ids"], hf["greedy_ids"])]
+    # At the first differing position both saw the same prefix: how far transformers' own logit for
+    # bmx's token is below its choice (a near-tie when it is within bf16 rounding of the logits).
+    margins = []
+    for position, ours_ids in zip(first_difference, bmx["greedy_ids"]):
+        if position is None or "greedy_top_logits" not in hf:
+            margins.append(None)
+            continue
+        top_ids, top_values = hf["greedy_top_logits"][position]
+        token = ours_ids[position]
+        margins.append(top_values[0] - top_values[top_ids.index(token)] if token in top_ids else float("inf"))
     return {"max_abs_prob_difference": float(np.abs(ours - theirs).max()),
             "max_rel_prob_difference": float((np.abs(ours - theirs) / np.maximum(theirs, 1e-30)).max()),
             "same_predictions": bmx["predictions"] == hf["predictions"], "same_greedy_ids": all(same_ids),
-            "first_differing_token": first_difference}
+            "first_differing_token": first_difference, "transformers_logit_margin_at_difference": margins}
 
 
 # ---- children: the work of one process ----------------------------------------------------------
@@ -313,10 +323,12 @@ def child_bnb(hf_dir, quantized, method) -> dict:
 
     from bmx.convert.safetensors_io import SafetensorsReader
     from bmx.model.checkpoint import open_param
+    from bmx.quant import bnb4
     from bmx.quant.model import LINEAR_PATHS
 
     torch.set_num_threads(os.cpu_count())
     reader, seconds, out_bytes, compared, identical, mismatches = SafetensorsReader(hf_dir), 0.0, 0, 0, 0, []
+    identical_given_offset = 0
     layers = json.loads((Path(hf_dir) / "config.json").read_text())["num_hidden_layers"]
     stores = {}
     for layer in range(layers):
@@ -350,8 +362,18 @@ def child_bnb(hf_dir, quantized, method) -> dict:
                     mismatches.append(f"layer {layer} {path} {name}")
                 same &= same_name
             identical += int(same)
+            if not same and "nested_offset" in theirs:
+                # The offset is a float32 mean whose last bits follow torch's reduction order; every other
+                # array follows from it. Quantized again from bnb's own offset, bmx must match exactly.
+                again = bnb4.quantize_4bit(weight.float().numpy(), method, 64, double_quant=True,
+                                           offset=np.float32(state.offset.item()))
+                identical_given_offset += int(all(
+                    np.asarray(getattr(again, name)).tobytes() == theirs[name].numpy().tobytes()
+                    for name in ("packed", "absmax", "nested_absmax")))
+            else:
+                identical_given_offset += int(same)
     return {"bnb_quantize_seconds": seconds, "bnb_bytes": out_bytes, "linears": compared, "bit_identical": identical,
-            "mismatches": mismatches}
+            "bit_identical_given_bnb_offset": identical_given_offset, "mismatches": mismatches}
 
 
 def child_awq(ckpt, calib, samples) -> dict:
@@ -473,14 +495,17 @@ def child_infer_hf(hf_dir, data_dir, questions, new_tokens) -> dict:
         for count in (1, int(new_tokens)):
             start = time.perf_counter()
             out = model.generate(torch.tensor([generate_prompt]), max_new_tokens=count, min_new_tokens=count,
-                                 do_sample=False, pad_token_id=0)
+                                 do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
             times[count] = time.perf_counter() - start
-            ids = out[0, len(generate_prompt):].tolist()
+            ids = out.sequences[0, len(generate_prompt):].tolist()
+    # Each step's five most likely tokens and their logits: a differing greedy id can be shown a near-tie.
+    top_steps = [torch.topk(scores[0].float(), 5) for scores in out.scores]
+    top_logits = [[[int(i) for i in top.indices], [float(v) for v in top.values]] for top in top_steps]
     return {"load_s": load_s, "prefill_s": prefill_s, "prompt_tokens": sum(map(len, sequences)),
             "prefill_tokens_per_s": sum(map(len, sequences)) / prefill_s,
             "decode_tokens_per_s": (int(new_tokens) - 1) / (times[int(new_tokens)] - times[1]),
             "generate_s": times[int(new_tokens)], "letter_probs": np.array(probs).tolist(),
-            "predictions": predictions, "greedy_ids": [ids]}
+            "predictions": predictions, "greedy_ids": [ids], "greedy_top_logits": top_logits}
 
 
 def sample_names(names: list[str], layers: int) -> set[str]:
@@ -580,6 +605,24 @@ def failed(result: dict) -> str | None:
     return None if result.get("exit_code", 0) == 0 else f"failed: {result.get('error', '')[:120]}"
 
 
+def given_offset(bnb: dict) -> str:
+    again = bnb.get("bit_identical_given_bnb_offset")
+    if again is None or again == bnb.get("bit_identical"):
+        return ""
+    return f" ({again} / {bnb['linears']} from bnb's float32 offset)"
+
+
+def near_tie(agreement: dict) -> str:
+    positions, margins = agreement["first_differing_token"], agreement.get("transformers_logit_margin_at_difference")
+    if all(p is None for p in positions):
+        return ""
+    text = f" (first differing position {positions[0] if len(positions) == 1 else positions}"
+    if margins and margins[0] is not None:
+        text += (f"; there transformers' logit for bmx's token is {margins[0]:.3g} below its own choice's"
+                 if margins[0] != float("inf") else "; bmx's token is not in transformers' top 5 there")
+    return text + ")"
+
+
 def tables(results: dict) -> list[str]:
     lines = []
     if "convert" in results:
@@ -609,7 +652,8 @@ def tables(results: dict) -> list[str]:
                          f"{failed(bnb) or fmt(bnb.get('bnb_quantize_seconds'))} | "
                          f"{fmt(ratio(bmx['seconds'], bnb.get('bnb_quantize_seconds')), 2)} | {bmx['peak_rss_gb']:.2f} | "
                          f"{row['bmx_bytes'] / GB:.2f} | {fmt((bnb.get('bnb_bytes') or 0) / GB, 2)} | "
-                         f"{fmt(published and published / GB, 2)} | {bnb.get('bit_identical', '—')} / {bnb.get('linears', '—')} |")
+                         f"{fmt(published and published / GB, 2)} | {bnb.get('bit_identical', '—')} / {bnb.get('linears', '—')}"
+                         f"{given_offset(bnb)} |")
         lines.append("")
     if "awq" in results:
         awq = results["awq"]
@@ -633,8 +677,8 @@ def tables(results: dict) -> list[str]:
         if agreement:
             lines += ["", f"Letter probabilities: largest difference {agreement['max_abs_prob_difference']:.3g} "
                           f"(relative {agreement['max_rel_prob_difference']:.3g}); same predictions: "
-                          f"{agreement['same_predictions']}; same greedy ids: {agreement['same_greedy_ids']} "
-                          f"(first differing position {agreement['first_differing_token']})."]
+                          f"{agreement['same_predictions']}; same greedy ids: {agreement['same_greedy_ids']}"
+                          + near_tie(agreement) + "."]
         lines.append("")
     if "merge" in results:
         lines += [f"Merging (load {fmt(results['merge']['machine']['load_average'][0])}):", "",

@@ -1,8 +1,9 @@
 """Benchmark: prefill and decode tokens/s of bmx's generation vs transformers' `generate`, same model and prompts.
 
     python bench/generate.py [--batch 8] [--new-tokens 128] [--repeats 2] [--layers 8] [--hidden 512] [--torch-threads N]
+                             [--dtype float32|bfloat16]
 
-One random Mistral-shaped model (float32, vocab 32000, GQA 4:1, sliding window 256 so long prompts
+One random Mistral-shaped model (float32 or bfloat16 weights and compute, vocab 32000, GQA 4:1, sliding window 256 so long prompts
 plus generation run past it) is created by transformers, converted to bmx, and both generate greedily
 from the same left-padded random prompts (64-320 tokens) in the same process, one after the other.
 Prefill is timed as the prompt forward alone (bmx: the jitted prefill, after a compile run;
@@ -35,7 +36,7 @@ def build_models(directory: Path, args):
                            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                            num_key_value_heads=max(args.hidden // 256, 1), sliding_window=256,
                            max_position_embeddings=4096)
-    reference = MistralForCausalLM(config).eval()
+    reference = MistralForCausalLM(config).to(getattr(torch, args.dtype)).eval()
     reference.save_pretrained(directory / "hf")
     hf_to_bmx(directory / "hf", directory / "bmx", progress=False)
     model, _ = load(directory / "bmx")
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and compute of both (bmx computes a 16-bit model in its dtype on CPU)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.torch_threads:
@@ -131,7 +134,7 @@ def main() -> None:
 
     print(f"{args.layers} layers, hidden {args.hidden}, batch {args.batch}, "
           f"prompts {len(prompts[0])}-{len(prompts[-1])} "
-          f"tokens, {args.new_tokens} new tokens, float32; jax on {jax.devices()[0].platform}, "
+          f"tokens, {args.new_tokens} new tokens, {args.dtype}; jax on {jax.devices()[0].platform}, "
           f"torch {torch.get_num_threads()} threads\n")
     print("| implementation | prefill tokens/s | decode tokens/s (best) | each run | generate (s) |")
     print("|---|---:|---:|---|---:|")
