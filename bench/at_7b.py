@@ -135,9 +135,9 @@ class Bench:
         for method, flags in QUANT_RUNS.items():
             out = self.work / f"quant_{method}"
             shutil.rmtree(out, ignore_errors=True)
-            # bmx.quant holds the float model while quantizing: the whole bf16 model plus the output.
+            # bmx.quant streams round-to-nearest methods layer by layer: one layer and its codes in memory.
             bmx = self.run(f"quant-{method}-bmx", [sys.executable, "-m", "bmx.quant", "--ckpt", self.bmx, *flags,
-                                                    "--out", out, "--no-progress"], need_gb=self.model_gb() * 1.6)
+                                                    "--out", out, "--no-progress"], need_gb=4)
             bnb = self.child(f"quant-{method}-bnb", "bnb", self.base, out, method, need_gb=3)
             results[method] = {"bmx": bmx, "bnb": bnb, "bmx_bytes": directory_bytes(out / "params")}
             shutil.rmtree(out, ignore_errors=True)

@@ -55,11 +55,36 @@ def plan_batches(lengths: Sequence[int], max_length: int, tokens_per_batch: int,
             if bucket_for(int(lengths[index]), buckets) != seq_len:
                 break
             members.append(index)
-        if len(members) < rows:  # a bucket's last batch: fewer filler rows, at most one more compilation
-            rows = min(rows, -(-(1 << (len(members) - 1).bit_length()) // row_multiple) * row_multiple)
-        batches.append(Batch(np.asarray(members), seq_len, rows))
+        pieces = tail_pieces(len(members), rows, row_multiple) if len(members) < rows else [(rows, rows)]
+        taken = 0
+        for count, piece_rows in pieces:  # a bucket's last batch may be split in two
+            batches.append(Batch(np.asarray(members[taken:taken + count]), seq_len, piece_rows))
+            taken += count
         start += len(members)
     return batches
+
+
+def _rows_for(count: int, rows: int, row_multiple: int) -> int:
+    """`count` rounded up to a power of two, then to a multiple of `row_multiple`, at most `rows`."""
+    return min(rows, -(-(1 << (count - 1).bit_length()) // row_multiple) * row_multiple)
+
+
+def tail_pieces(count: int, rows: int, row_multiple: int) -> list[tuple[int, int]]:
+    """How a bucket's last `count` sequences are batched: `[(sequences, rows), ...]`.
+
+    One batch rounded up to a power of two of rows wastes up to half of them on filler rows (3
+    questions: a fourth row computed for nothing, a third more work). Split as the largest power of
+    two plus the rest rounded up when that computes fewer rows: at most two more shapes per bucket
+    (compilations), and each power of two is reused by every later bucket of that length.
+    """
+    whole = _rows_for(count, rows, row_multiple)
+    first = 1 << (count.bit_length() - 1)
+    if first == count or first < row_multiple:
+        return [(count, whole)]
+    first_rows, rest_rows = _rows_for(first, rows, row_multiple), _rows_for(count - first, rows, row_multiple)
+    if first_rows + rest_rows >= whole:
+        return [(count, whole)]
+    return [(first, first_rows), (count - first, rest_rows)]
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], batch: Batch, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

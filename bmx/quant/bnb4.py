@@ -9,14 +9,16 @@ Layout, exactly as `bitsandbytes.functional.quantize_4bit` writes it:
   subtracted, then they are coded with bnb's signed 8-bit dynamic map in blocks of 256 (through
   the 65536-bin lookup table bnb's CPU kernel uses).
 
-Quantization runs once, offline, in NumPy float32 with bnb's own operation order (so it is
-bit-exact); dequantization is `jax.numpy`, so it runs inside a jitted matmul.
+Quantization runs once, offline, in float32 with bnb's own operation order (so it is bit-exact):
+whole blocks jitted, a partial last block in NumPy; dequantization is `jax.numpy`, so it runs inside a jitted matmul.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -93,6 +95,26 @@ def _nearest_4bit_index(scaled: np.ndarray, code: np.ndarray) -> np.ndarray:
     order = np.argsort(code, kind="stable")  # FP4's code is in bit-pattern order, not sorted
     midpoints = (code[order[:-1]] + code[order[1:]]) / np.float32(2.0)
     return order[np.searchsorted(midpoints, scaled, side="left")].astype(np.uint8)
+
+
+@functools.partial(jax.jit, static_argnames="quant_type")
+def _quantize_full_blocks(blocks: jax.Array, quant_type: str) -> tuple[jax.Array, jax.Array]:
+    """`_scaled_by_block_absmax`, `_nearest_4bit_index` and `pack_nibbles` of whole blocks, jitted.
+
+    The same float32 operations in the same order (reciprocal, multiply, clip; a value's index is
+    the count of midpoints below it, which is `searchsorted(..., side="left")`), so the same bits;
+    XLA runs them on every core and without NumPy's temporaries.
+    """
+    code = CODES[quant_type]
+    order = np.argsort(code, kind="stable")
+    midpoints = (code[order[:-1]] + code[order[1:]]) / np.float32(2.0)
+    blocks = blocks.astype(jnp.float32)
+    block_max = jnp.abs(blocks).max(axis=1)
+    reciprocal = jnp.float32(1.0) / jnp.maximum(block_max, jnp.float32(1e-38))
+    scaled = jnp.clip(blocks * reciprocal[:, None], -1, 1).reshape(-1)
+    rank = jnp.sum(scaled[:, None] > jnp.asarray(midpoints), axis=1)
+    indices = jnp.asarray(order.astype(np.uint8))[rank]
+    return (indices[0::2] << 4) | indices[1::2], block_max
 
 
 def pack_nibbles(indices: np.ndarray) -> np.ndarray:
@@ -175,11 +197,17 @@ def quantize_4bit(weight: np.ndarray, quant_type: str = "nf4", blocksize: int = 
         raise ValueError(f"quant_type must be one of {sorted(CODES)}, got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"bitsandbytes 4-bit blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    flat = np.asarray(weight).astype(np.float32).reshape(-1)
-    scaled, absmax = _scaled_by_block_absmax(flat, blocksize)
-    if scaled.size % 2:  # bnb pads the last byte with a scaled zero
-        scaled = np.concatenate([scaled, np.zeros(1, np.float32)])
-    packed = pack_nibbles(_nearest_4bit_index(scaled, CODES[quant_type]))
+    weight = np.asarray(weight)
+    full = weight.size - weight.size % blocksize
+    if full == weight.size and weight.size % 2 == 0:
+        with jax.ensure_compile_time_eval():  # concrete even when called while tracing (abstract layouts)
+            packed, absmax = (np.asarray(a) for a in _quantize_full_blocks(weight.reshape(-1, blocksize), quant_type))
+    else:  # a partial last block (not a linear's weight): the same operations in NumPy
+        flat = weight.astype(np.float32).reshape(-1)
+        scaled, absmax = _scaled_by_block_absmax(flat, blocksize)
+        if scaled.size % 2:  # bnb pads the last byte with a scaled zero
+            scaled = np.concatenate([scaled, np.zeros(1, np.float32)])
+        packed = pack_nibbles(_nearest_4bit_index(scaled, CODES[quant_type]))
     if not double_quant:
         return Bnb4Quantized(packed, absmax)
     offset = absmax_mean(absmax) if offset is None else np.float32(offset)

@@ -11,6 +11,7 @@ zeroed (and so left out of the row maxima) in the int8 weight and added back in 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,12 +21,20 @@ INV_127 = np.float32(7.874015718698502e-3)  # bnb multiplies by this instead of 
 
 def quantize_rowwise(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int8 `[out, in]` and the float32 row absmax `[out]`; an all-zero row quantizes to zeros."""
-    weight = np.asarray(weight)
-    row_absmax = np.abs(weight).max(axis=1).astype(np.float32)
-    safe = np.where(row_absmax == 0, np.float32(1.0), row_absmax)
+    with jax.ensure_compile_time_eval():  # concrete even when called while tracing (abstract layouts)
+        quantized, row_absmax = _quantize_rowwise(np.asarray(weight))
+    return np.asarray(quantized), np.asarray(row_absmax)
+
+
+@jax.jit
+def _quantize_rowwise(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Jitted: float32 operations give the same bits as NumPy's, on every core and without temporaries.
+    weight = weight.astype(jnp.float32)
+    row_absmax = jnp.abs(weight).max(axis=1)
+    safe = jnp.where(row_absmax == 0, jnp.float32(1.0), row_absmax)
     # bnb writes 127.0 / row_absmax, which torch evaluates as reciprocal(row_absmax) * 127.
-    scaled = weight.astype(np.float32) * ((np.float32(1.0) / safe) * np.float32(127.0))[:, None]
-    return np.rint(scaled).astype(np.int8), row_absmax
+    scaled = weight * ((jnp.float32(1.0) / safe) * jnp.float32(127.0))[:, None]
+    return jnp.rint(scaled).astype(jnp.int8), row_absmax  # rint: half to even, as np.rint
 
 
 def quantize_int8(weight: np.ndarray, outlier_columns: np.ndarray | None = None,
