@@ -6,14 +6,20 @@ run directory is one line `bmx train: error: ...` naming the key or file (exit 2
 checkpoint and exit 0.
 """
 
-import argparse
-import logging
 import sys
 
-from bmx import cli
-from bmx.config_io import load_config
-from bmx.train.config import RunConfig
-from bmx.compile_cache import enable_compile_cache
+if __name__ == "__main__":  # before the imports below: a re-exec would otherwise pay for jax's import twice
+    from bmx.train.host_memory import reexec_with_retained_memory
+
+    reexec_with_retained_memory()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from bmx import cli  # noqa: E402
+from bmx.config_io import load_config  # noqa: E402
+from bmx.train.config import RunConfig  # noqa: E402
+from bmx.compile_cache import enable_compile_cache  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,7 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from bmx.train.host_memory import reexec_with_retained_memory
-
-    reexec_with_retained_memory()
     sys.exit(cli.run("train", main))

@@ -63,8 +63,8 @@ def test_sft_lowers_the_answer_loss_trains_only_adapters_and_writes_peft_and_mer
     config = from_dict(RunConfig, {
         "run_dir": str(tmp_path / "run"), "task": "sft", "init": {"from": str(base_checkpoint)},
         "data": {"path": str(medqa_sft)}, "lora": {"rank": 8, "alpha": 16, "dropout": 0.05},
-        "train": {"steps": 16, "global_batch_size": 8, "eval_every": 16, "eval_batches": 2},
-        "optimizer": {"learning_rate": 1e-2, "weight_decay": 0.0}, "schedule": {"decay": "constant"},
+        "train": {"steps": 8, "global_batch_size": 8, "eval_every": 8, "eval_batches": 2},
+        "optimizer": {"learning_rate": 2e-2, "weight_decay": 0.0}, "schedule": {"decay": "constant"},
         "checkpoint": {"every": 100}, "logging": {"tensorboard": False, "progress": False},
     })
     train(config)
@@ -98,8 +98,8 @@ def test_qlora_trains_adapters_on_an_nf4_base_and_merges_them_into_the_float_bas
     config = from_dict(RunConfig, {
         "run_dir": str(tmp_path / "run"), "task": "sft", "init": {"from": str(base_checkpoint)},
         "data": {"path": str(medqa_sft)}, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "base_quantization": "nf4"},
-        "train": {"steps": 12, "global_batch_size": 8},
-        "optimizer": {"learning_rate": 1e-2, "weight_decay": 0.0}, "schedule": {"decay": "constant"},
+        "train": {"steps": 8, "global_batch_size": 8},
+        "optimizer": {"learning_rate": 2e-2, "weight_decay": 0.0}, "schedule": {"decay": "constant"},
         "checkpoint": {"every": 100}, "logging": {"tensorboard": False, "progress": False},
     })
     setup = build(config)
