@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+), (.*):$")
-_VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (\S+)")
+_VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
 _INSTRUCTION = re.compile(r'^ from instruction: %(\S+) = .*?op_name="([^"]*)"')
 
 
@@ -23,6 +23,7 @@ class Buffer:
     shape: str  # e.g. f32[2,128,2048,2048]
     kind: str  # "argument", "temporary" or "output"
     op_name: str  # the JAX operation that produced it ("" when unknown)
+    values: int = 1  # XLA values held in this region (aliases in place, or reuses at other times)
 
 
 def _kind(allocation_description: str) -> str:
@@ -47,25 +48,45 @@ def read_op_names(values_dump: Path, wanted: set[str]) -> dict[str, str]:
     return names
 
 
+# Instructions that only pass a buffer on (loop state, tuples, in-place views): named after them, a
+# region would read `while` rather than the JAX operation that filled it.
+_PASS_THROUGH = ("while", "tuple", "get-tuple-element", "wide.param", "bitcast", "copy", "conditional")
+
+
 def largest_buffers(dump_dir: str | Path, count: int = 8) -> list[Buffer]:
-    """The `count` largest distinct values of the train step's buffer assignment in `dump_dir`."""
+    """The `count` largest regions of memory in the train step's buffer assignment in `dump_dir`.
+
+    XLA lists *values*, and many values share one region: a `while` loop's state, the in-place
+    `dynamic_update_slice` that fills a `scan`'s stacked outputs and the allocation it starts from are
+    one buffer, and a temporary region is reused by values that are not live at the same time. So values
+    are grouped by (allocation, offset, size), each region counted once and named after the value that
+    made it (`Buffer.values`: how many values it holds)."""
     dump_dir = Path(dump_dir)
     assignments = sorted(dump_dir.glob("*after_optimizations-buffer-assignment.txt"), key=lambda p: p.stat().st_size)
     if not assignments:
         return []
     assignment = assignments[-1]  # the step is the largest module compiled
-    values: dict[str, tuple[int, str, str]] = {}
-    kind = "temporary"
+    regions: dict[tuple[str, int, int], tuple[str, str, list[str]]] = {}  # -> (shape, kind, value names)
+    allocation, kind = "", "temporary"
     with open(assignment, errors="replace") as lines:
         for line in lines:
             if match := _ALLOCATION.match(line):
-                kind = _kind(match.group(3))
+                allocation, kind = match.group(1), _kind(match.group(3))
             elif match := _VALUE.match(line):
                 name = match.group(1).split("{", 1)[0]  # "fusion.3{1}": element 1 of a tuple-shaped value
-                size, shape = int(match.group(2)), _shape_without_layout(match.group(3))
-                if size > values.get(name, (0,))[0]:
-                    values[name] = (size, shape, kind)
-    top = sorted(values.items(), key=lambda item: -item[1][0])[:count]
+                size, offset = int(match.group(2)), int(match.group(3))
+                shape = _shape_without_layout(match.group(4))
+                region = regions.setdefault((allocation, offset, size), (shape, kind, []))
+                region[2].append(name)
+    top = sorted(regions.items(), key=lambda item: -item[0][2])[:count]
     values_dump = assignment.with_name(assignment.name.replace("buffer-assignment", "buffer-assignment-values"))
-    op_names = read_op_names(values_dump, {name for name, _ in top}) if values_dump.exists() else {}
-    return [Buffer(size, shape, kind, op_names.get(name, "")) for name, (size, shape, kind) in top]
+    wanted = {name for _, (_, _, names) in top for name in names}
+    op_names = read_op_names(values_dump, wanted) if values_dump.exists() else {}
+
+    def maker(names: list[str]) -> str:
+        named = [name for name in names if op_names.get(name)]
+        producers = [name for name in named if not name.startswith(_PASS_THROUGH)]
+        return op_names[(producers or named)[0]] if named else ""
+
+    return [Buffer(size, shape, kind, maker(names), len(set(names)))
+            for (_, _, size), (shape, kind, names) in top]

@@ -44,6 +44,7 @@ def format_report(report: AotReport, config_name: str = "") -> str:
     if report.largest_buffers:
         lines.append("largest buffers")
         lines += [f"  {_gib(buffer.size_bytes)}  {buffer.kind:<9} {buffer.shape:<28} {buffer.op_name}"
+                  + (f"  ({buffer.values} values share it)" if buffer.values > 1 else "")
                   for buffer in report.largest_buffers]
     lines += ["FLOPs per device per step", f"  model (bmx MFU formula)  {report.model_flops:.3e}"]
     if report.xla_cost is not None:

@@ -256,3 +256,31 @@ def test_splash_kernel_compiles_for_tpu_forward_and_backward():
 
     program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile().as_text()
     assert program.count("tpu_custom_call") >= 3  # forward, dq and dkv kernels
+
+
+def test_a_scan_s_stacked_outputs_are_one_buffer_not_two(tmp_path):
+    """A `scan`'s stacked outputs are filled in place: the allocation XLA starts from (JAX's
+    `broadcast_in_dim`) and the loop's `dynamic_update_slice` are two values of one region, and the
+    report counts it once (listing values would show the 16 MiB twice and overstate what is held)."""
+    import jax.numpy as jnp
+
+    from bmx.train.aot_buffers import largest_buffers
+    from bmx.train.aot_hardware import compile_only_devices
+
+    device = compile_only_devices(parse_topology("v5p:2x2x1"))[0]
+
+    def stacked(x, weights):
+        def layer(h, w):
+            h = jnp.tanh(h @ w)
+            return h, h
+
+        return jax.lax.scan(layer, x, weights)[1].sum(axis=(1, 2))  # [8, 1024, 1024] bf16 stacked: 16 MiB
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=sharding)
+    weights = jax.ShapeDtypeStruct((8, 1024, 1024), jnp.bfloat16, sharding=sharding)
+    jax.jit(stacked).lower(x, weights).compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    buffers = largest_buffers(tmp_path)
+    stacked_outputs = [b for b in buffers if b.shape == "bf16[8,1024,1024]" and b.kind == "temporary"]
+    assert len(stacked_outputs) == 1, buffers
+    assert stacked_outputs[0].values >= 2 and stacked_outputs[0].size_bytes == 16 << 20
