@@ -132,7 +132,8 @@ class Bench:
 
     def quant(self) -> dict:
         results = {}
-        for method, flags in QUANT_RUNS.items():
+        for method in self.args.quant_methods.split(","):
+            flags = QUANT_RUNS[method]
             out = self.work / f"quant_{method}"
             shutil.rmtree(out, ignore_errors=True)
             # bmx.quant streams round-to-nearest methods layer by layer: one layer and its codes in memory.
@@ -713,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--merge-configs", default=",".join(MERGE_CONFIGS), help="subset of slerp,ties,dare")
+    parser.add_argument("--quant-methods", default=",".join(QUANT_RUNS), help=f"subset of {','.join(QUANT_RUNS)}")
     parser.add_argument("--awq-samples", type=int, default=8, help="calibration sequences of 512 tokens for AWQ")
     parser.add_argument("--json", type=Path, default=None, help="write every raw figure here")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -725,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {','.join(STEPS)}")
+    if sorted(set(args.quant_methods.split(",")) - set(QUANT_RUNS)):
+        parser.error(f"--quant-methods {args.quant_methods}: choose from {','.join(QUANT_RUNS)}")
     print(f"workdir {bench.work}: {shutil.disk_usage(bench.work).free / GB:.0f} GB free disk, "
           f"{available_gb():.1f} GB available memory, load {os.getloadavg()[0]:.1f}", flush=True)
     for step in STEPS:

@@ -26,15 +26,36 @@ def quantize_rowwise(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(quantized), np.asarray(row_absmax)
 
 
-@jax.jit
-def _quantize_rowwise(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Jitted: float32 operations give the same bits as NumPy's, on every core and without temporaries.
+def quantize_kernel(kernel: np.ndarray) -> dict[str, np.ndarray]:
+    """`quantize_int8` (no outliers) of the weight whose bmx kernel `[in, out]` this is, bit for bit.
+
+    The transpose to `[out, in]` happens to the int8 codes inside the jitted function, not to the
+    16-bit input beforehand: half the bytes moved, and no separate copy of the input (bench/at_7b.py)."""
+    with jax.ensure_compile_time_eval():
+        quantized, row_absmax = _quantize_kernel(np.asarray(kernel))
+    return {"weight": np.asarray(quantized), "scale": np.asarray(row_absmax)}
+
+
+def _quantized_along(weight: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """int8 codes and absmax of the rows of transformers' weight, laid along `axis` of `weight`."""
+    # Jitted by the callers: float32 operations give the same bits as NumPy's, on every core and without temporaries.
     weight = weight.astype(jnp.float32)
-    row_absmax = jnp.abs(weight).max(axis=1)
+    row_absmax = jnp.abs(weight).max(axis=axis)
     safe = jnp.where(row_absmax == 0, jnp.float32(1.0), row_absmax)
     # bnb writes 127.0 / row_absmax, which torch evaluates as reciprocal(row_absmax) * 127.
-    scaled = weight * ((jnp.float32(1.0) / safe) * jnp.float32(127.0))[:, None]
+    scaled = weight * jnp.expand_dims((jnp.float32(1.0) / safe) * jnp.float32(127.0), axis)
     return jnp.rint(scaled).astype(jnp.int8), row_absmax  # rint: half to even, as np.rint
+
+
+@jax.jit
+def _quantize_rowwise(weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _quantized_along(weight, axis=1)
+
+
+@jax.jit
+def _quantize_kernel(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    quantized, row_absmax = _quantized_along(kernel, axis=0)
+    return quantized.T, row_absmax
 
 
 def quantize_int8(weight: np.ndarray, outlier_columns: np.ndarray | None = None,

@@ -9,6 +9,7 @@ writes for the same model, array for array (tested); its layout comes from `quan
 from __future__ import annotations
 
 import os
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from bmx.model.checkpoint import (
 from bmx.model.mistral import Mistral
 from bmx.quant.checkpoint import finish_quantized_dir
 from bmx.quant.model import LINEAR_PATHS, kernel_to_hf, linear_at, quantize_abstractly
-from bmx.quant.schemes import Scheme
+from bmx.quant import int8
+from bmx.quant.schemes import Int8Scheme, Scheme
 
 
 def can_stream(method: str, calib, outlier_threshold) -> bool:
@@ -49,7 +51,11 @@ class _QuantizedLayers:
     def take(self, layer: int, name: str) -> np.ndarray:
         if layer not in self.pending:
             kernel = np.asarray(self.store[layer].read().result())
-            self.pending[layer] = dict(self.scheme.quantize(contiguous_copy(kernel_to_hf(kernel, self.num_contracted))))
+            if isinstance(self.scheme, Int8Scheme) and self.scheme.outlier_threshold is None:
+                matrix = kernel.reshape(prod(kernel.shape[:self.num_contracted]), -1)  # [in, out]
+                self.pending[layer] = int8.quantize_kernel(matrix)  # transposes the codes, not the input
+            else:
+                self.pending[layer] = dict(self.scheme.quantize(contiguous_copy(kernel_to_hf(kernel, self.num_contracted))))
         arrays = self.pending[layer]
         value = arrays.pop(name)
         if not arrays:

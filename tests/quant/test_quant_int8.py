@@ -21,6 +21,19 @@ def test_rowwise_int8_matches_bitsandbytes(dtype):
                      F.int8_vectorwise_dequant(codes, row_absmax).numpy(), "dequantized")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_from_the_bmx_kernel_layout_matches_bitsandbytes(dtype):
+    """The streamed path quantizes bmx's `[in, out]` kernel and transposes the codes: bnb's bits."""
+    weight = (torch.randn(80, 48, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    weight[3] = 0  # an all-zero row: zero codes, absmax 0
+    codes, row_absmax, _ = F.int8_vectorwise_quant(weight.clone())
+    kernel = weight.float().numpy().T.astype(np.float32 if dtype == torch.float32 else jnp.bfloat16)
+    ours = int8.quantize_kernel(np.ascontiguousarray(kernel))
+    assert ours["weight"].shape == (80, 48) and ours["weight"].flags.c_contiguous
+    assert_bit_equal(ours["weight"], codes.numpy(), "int8 codes")
+    assert_bit_equal(ours["scale"], row_absmax.numpy(), "row absmax (SCB)")
+
+
 def test_outlier_columns_stay_16_bit_and_leave_the_row_scale():
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((32, 48)) * 0.05).astype(np.float32)
