@@ -2,7 +2,8 @@
 
 Every scheme quantizes transformers' `[out, in]` orientation of the weight (what bitsandbytes and
 AutoAWQ quantize, so the stored arrays are theirs byte for byte) and rebuilds bmx's kernel
-orientation `[in, out]` in `jax.numpy`, inside the jitted forward.
+orientation `[in, out]` in `jax.numpy`, inside the jitted forward. `quantize_kernel` takes the weight
+as bmx stores it (`[in, out]`), for the streamed path that reads kernels from a checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bmx.convert.contiguous import contiguous_copy
 from bmx.quant import awq_format, bnb4, int8
+
+
+def _hf_orientation(kernel_matrix: np.ndarray) -> np.ndarray:
+    """bmx's `[in, out]` matrix as transformers' contiguous `[out, in]` weight."""
+    return contiguous_copy(np.asarray(kernel_matrix).T)
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,11 @@ class Int8Scheme:
 
     def quantize(self, weight: np.ndarray, outlier_columns: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return int8.quantize_int8(weight, outlier_columns if self.outlier_threshold is not None else None)
+
+    def quantize_kernel(self, kernel_matrix: np.ndarray) -> dict[str, np.ndarray]:
+        if self.outlier_threshold is None:  # the int8 codes are transposed, not the 16-bit input
+            return int8.quantize_kernel(kernel_matrix)
+        return self.quantize(_hf_orientation(kernel_matrix))
 
     def kernel_matrix(self, arrays: dict, out_features: int, in_features: int):
         return int8.dequantize_int8(arrays["weight"], arrays["scale"], arrays.get("outlier_columns"),
@@ -48,6 +60,9 @@ class Bnb4Scheme:
     def quantize(self, weight: np.ndarray) -> dict[str, np.ndarray]:
         return bnb4.quantize_4bit(weight, self.quant_type, self.blocksize, self.double_quant).arrays()
 
+    def quantize_kernel(self, kernel_matrix: np.ndarray) -> dict[str, np.ndarray]:
+        return self.quantize(_hf_orientation(kernel_matrix))
+
     def kernel_matrix(self, arrays: dict, out_features: int, in_features: int):
         return bnb4.dequantize_4bit(arrays["packed"], arrays["absmax"], (out_features, in_features), self.quant_type,
                                     self.blocksize, arrays.get("nested_absmax"), arrays.get("nested_offset")).T
@@ -66,6 +81,9 @@ class AwqScheme:
 
     def quantize(self, weight: np.ndarray) -> dict[str, np.ndarray]:
         return awq_format.quantize_awq(weight, self.group_size)
+
+    def quantize_kernel(self, kernel_matrix: np.ndarray) -> dict[str, np.ndarray]:
+        return self.quantize(_hf_orientation(kernel_matrix))
 
     def kernel_matrix(self, arrays: dict, out_features: int, in_features: int):
         return awq_format.dequantize_awq(arrays["qweight"], arrays["qzeros"], arrays["scales"], self.group_size)

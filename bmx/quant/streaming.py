@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from bmx.convert.contiguous import contiguous_copy
 from bmx.convert.safetensors_io import atomic_output_dir
 from bmx.model.checkpoint import (
     LazyArray,
@@ -26,9 +25,8 @@ from bmx.model.checkpoint import (
 )
 from bmx.model.mistral import Mistral
 from bmx.quant.checkpoint import finish_quantized_dir
-from bmx.quant.model import LINEAR_PATHS, kernel_to_hf, linear_at, quantize_abstractly
-from bmx.quant import int8
-from bmx.quant.schemes import Int8Scheme, Scheme
+from bmx.quant.model import LINEAR_PATHS, linear_at, quantize_abstractly
+from bmx.quant.schemes import Scheme
 
 
 def can_stream(method: str, calib, outlier_threshold) -> bool:
@@ -51,11 +49,8 @@ class _QuantizedLayers:
     def take(self, layer: int, name: str) -> np.ndarray:
         if layer not in self.pending:
             kernel = np.asarray(self.store[layer].read().result())
-            if isinstance(self.scheme, Int8Scheme) and self.scheme.outlier_threshold is None:
-                matrix = kernel.reshape(prod(kernel.shape[:self.num_contracted]), -1)  # [in, out]
-                self.pending[layer] = int8.quantize_kernel(matrix)  # transposes the codes, not the input
-            else:
-                self.pending[layer] = dict(self.scheme.quantize(contiguous_copy(kernel_to_hf(kernel, self.num_contracted))))
+            matrix = kernel.reshape(prod(kernel.shape[:self.num_contracted]), -1)  # [in, out]
+            self.pending[layer] = dict(self.scheme.quantize_kernel(matrix))
         arrays = self.pending[layer]
         value = arrays.pop(name)
         if not arrays:
