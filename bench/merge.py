@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     args = parser.parse_args(argv)
 
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bmx-merge-bench-", dir=args.workdir))
     try:
         config = mistral_hf_config(*SIZES[args.size])

@@ -11,13 +11,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from bmx.merge.model_axis import sum_models, var_models
+
 ARCEE_QUANTILE_SAMPLE = 1_000_000  # above this many entries mergekit estimates quantiles from a sample
 
 
 def _elected_sign_mask(deltas: jax.Array, mask_dtype) -> jax.Array:
     """TIES' sum election (mergekit's `get_mask(..., "sum")`): which deltas agree with the elected sign."""
     signs = jnp.sign(deltas).astype(mask_dtype)
-    elected = (jnp.sum(deltas, axis=0) >= 0).astype(mask_dtype) * 2 - 1
+    elected = (sum_models(deltas) >= 0).astype(mask_dtype) * 2 - 1
     return signs == elected
 
 
@@ -26,7 +28,7 @@ def sce(base: jax.Array, others: tuple[jax.Array, ...], select_topk: jax.Array, 
     """Select (top `select_topk` entries by variance across models), Calculate (energy weights), Erase (signs)."""
     mask_dtype = jnp.int8 if int8_mask else base.dtype
     deltas = jnp.stack([w - base for w in others])  # [inputs, *shape]
-    variance = jnp.var(deltas, axis=0)
+    variance = var_models(deltas)
     # int(count_nonzero · density), the product in float32 as PyTorch computes int64 × float.
     k = jnp.floor(jnp.count_nonzero(variance).astype(jnp.float32) * select_topk.astype(jnp.float32)).astype(jnp.int32)
     order = jnp.argsort(-jnp.abs(variance).reshape(-1), stable=True)
@@ -41,8 +43,8 @@ def sce(base: jax.Array, others: tuple[jax.Array, ...], select_topk: jax.Array, 
     weights = jnp.where(jnp.abs(total) < 1e-6, jnp.ones_like(energy) / energy.shape[0], energy / total)
     weights = weights.reshape((-1,) + (1,) * base.ndim)
     kept_weights = weights * erase
-    merged = jnp.sum(deltas * kept_weights, axis=0)
-    return base + merged / jnp.maximum(jnp.sum(kept_weights, axis=0), 1e-6)
+    merged = sum_models(deltas * kept_weights)
+    return base + merged / jnp.maximum(sum_models(kept_weights), 1e-6)
 
 
 @jax.jit
@@ -76,7 +78,7 @@ def arcee_fusion(base: jax.Array, other: jax.Array, importance: jax.Array, sampl
 def _ram_vectors(base: jax.Array, others: tuple[jax.Array, ...], epsilon: jax.Array):
     deltas = jnp.stack([w - base for w in others]).reshape(len(others), -1)  # [inputs, entries]
     nonzero = jnp.abs(deltas) > epsilon.astype(deltas.dtype)
-    counts = jnp.sum(nonzero, axis=0, keepdims=True)  # [1, entries]: how many models changed each entry
+    counts = sum_models(nonzero, keepdims=True)  # [1, entries]: how many models changed each entry
     return deltas * nonzero, nonzero, counts, counts > 1, counts == 1
 
 
@@ -84,7 +86,7 @@ def _ram_vectors(base: jax.Array, others: tuple[jax.Array, ...], epsilon: jax.Ar
 def ram(base: jax.Array, others: tuple[jax.Array, ...], epsilon: jax.Array) -> jax.Array:
     """Entries changed by one model take its delta; entries changed by several take their mean."""
     deltas, _, counts, overlap, unique = _ram_vectors(base, others, epsilon)
-    merged = jnp.sum(deltas * unique + deltas * overlap / jnp.maximum(counts, 1).astype(deltas.dtype), axis=0)
+    merged = sum_models(deltas * unique + deltas * overlap / jnp.maximum(counts, 1).astype(deltas.dtype))
     return base + merged.reshape(base.shape)
 
 
@@ -97,5 +99,5 @@ def ramplus_tl(base: jax.Array, others: tuple[jax.Array, ...], r: jax.Array, alp
     unique_counts = jnp.sum(nonzero & unique, axis=1).astype(jnp.float32)
     rho = shared_counts / jnp.maximum(unique_counts, epsilon.astype(jnp.float32))
     scale = 1 + r.astype(jnp.float32) * jnp.clip(rho, 0, alpha.astype(jnp.float32))  # float32, as in PyTorch
-    merged = jnp.sum(deltas * unique * scale[:, None] + deltas * overlap / jnp.maximum(counts, 1).astype(dtype), axis=0)
+    merged = sum_models(deltas * unique * scale[:, None] + deltas * overlap / jnp.maximum(counts, 1).astype(dtype))
     return base + merged.reshape(base.shape)

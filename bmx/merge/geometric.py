@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmx.merge.methods import compute_dtype
+from bmx.merge.model_axis import mean_models, sum_models
 
 
 @partial(jax.jit, static_argnames=("filter_wise",))
@@ -35,7 +36,7 @@ def model_stock(base: jax.Array, others: tuple[jax.Array, ...], filter_wise: boo
         for b in offsets[index + 1:]:
             norm_product = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
             cosines.append(jnp.clip(jnp.sum(a * b, axis=-1) / jnp.maximum(norm_product, 1e-6), -1, 1))
-    cos_theta = jnp.mean(jnp.stack(cosines), axis=0)[..., None]
+    cos_theta = mean_models(jnp.stack(cosines))[..., None]
     count = len(others)
     denominator = 1 + (count - 1) * cos_theta
     singular = jnp.abs(denominator) < 1e-6
@@ -97,13 +98,13 @@ def multislerp(tensors: tuple[jax.Array, ...], base: jax.Array | None, weights: 
         weights = weights / jnp.sum(weights)
     norms = jnp.linalg.norm(flat, axis=-1, keepdims=True)
     units = flat / (norms + eps)
-    mean = jnp.sum(units * weights[:, None], axis=0)
+    mean = sum_models(units * weights[:, None])
     mean_norm = jnp.linalg.norm(mean)
     collapsed = mean_norm < eps
     mean = mean / mean_norm
     dots = jnp.sum(units * mean, axis=-1, keepdims=True)
     tangents = units - dots * mean
-    tangent = jnp.sum(tangents * weights[:, None], axis=0)
+    tangent = sum_models(tangents * weights[:, None])
     tangent_norm = jnp.linalg.norm(tangent) + eps
     result = mean * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / tangent_norm)
     result = (result * jnp.sum(norms[:, 0] * weights)).reshape(stacked.shape[1:])

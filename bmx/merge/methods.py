@@ -13,6 +13,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from bmx.merge.model_axis import sum_models
+
 SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are collinear, interpolate linearly
 SLERP_NORM_EPS = 1e-8
 RESCALE_EPS = 1e-7
@@ -21,11 +23,6 @@ RESCALE_EPS = 1e-7
 def compute_dtype(dtype) -> jnp.dtype:
     """Where mergekit upcasts: float64 stays float64, everything else runs in float32."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
-
-
-def _sum_over_models(stacked: jax.Array) -> jax.Array:
-    """Sum over the leading model axis, accumulating in float32 and rounding once."""
-    return jnp.sum(stacked.astype(compute_dtype(stacked.dtype)), axis=0).astype(stacked.dtype)
 
 
 @partial(jax.jit, static_argnames=("normalize",))
@@ -156,14 +153,14 @@ def merge_task_vectors(
     if sign_consensus:
         sign_dtype = jnp.int8 if int8_mask else dtype
         signs = jnp.sign(weighted).astype(sign_dtype)
-        elected = jnp.where(_sum_over_models(weighted) >= 0, 1, -1).astype(sign_dtype)
+        elected = jnp.where(sum_models(weighted) >= 0, 1, -1).astype(sign_dtype)
         agrees = signs == elected  # a zero delta agrees with no sign
-        mixed = _sum_over_models(weighted * agrees)
-        divisor = _sum_over_models(weights * agrees)
+        mixed = sum_models(weighted * agrees)
+        divisor = sum_models(weights * agrees)
         divisor = jnp.where(divisor == 0, jnp.ones_like(divisor), divisor)
     else:
-        mixed = _sum_over_models(weighted)
-        divisor = _sum_over_models(weights)
+        mixed = sum_models(weighted)
+        divisor = sum_models(weights)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, jnp.ones_like(divisor), divisor)
     if normalize:
         mixed = mixed / divisor

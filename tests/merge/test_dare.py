@@ -79,6 +79,38 @@ def test_seeded_masks_keep_density_fraction_and_rescale_like_mergekit():
     assert np.allclose(scale, scale[0]) and scale[0] == pytest.approx(1 / density, rel=0.02)
 
 
+def test_masks_look_independent_between_entries_rows_inputs_and_densities():
+    """The counter hash must not leave structure a drop pattern would inherit: neighbouring entries,
+    rows, two inputs of one tensor and two tensors are uncorrelated, and a per-entry density (DELLA)
+    is honoured entry by entry (checked in bands of equal density)."""
+    masks = SeededDropMasks(seed=2)
+    shape = (1000, 1200)
+    first = np.asarray(masks("model.layers.3.mlp.gate_proj.weight", 0, shape, 0.5), np.float64)
+    tolerance = 5 / np.sqrt(first.size)  # five standard errors of a correlation estimated from n pairs
+    pairs = {"neighbouring entries": (first[:, :-1], first[:, 1:]), "neighbouring rows": (first[:-1], first[1:]),
+             "entries 2^k apart": (first.ravel()[:-4096], first.ravel()[4096:]),
+             "another input": (first, np.asarray(masks("model.layers.3.mlp.gate_proj.weight", 1, shape, 0.5))),
+             "another tensor": (first, np.asarray(masks("model.layers.3.mlp.up_proj.weight", 0, shape, 0.5)))}
+    for what, (a, b) in pairs.items():
+        correlation = np.corrcoef(np.ravel(a), np.ravel(b).astype(np.float64))[0, 1]
+        assert abs(correlation) < tolerance, (what, correlation)
+    for density in (0.0, 0.01, 0.3, 0.9, 1.0):
+        kept = float(jnp.mean(masks("lm_head.weight", 0, shape, density)))
+        assert abs(kept - density) <= 5 * np.sqrt(density * (1 - density) / first.size), (density, kept)
+    bands = np.repeat(np.linspace(0.05, 0.95, 10, dtype=np.float32), shape[0] * shape[1] // 10).reshape(shape)
+    kept = np.asarray(masks("lm_head.weight", 1, shape, jnp.asarray(bands))).reshape(10, -1).mean(axis=1)
+    band_size = first.size // 10
+    expected = np.linspace(0.05, 0.95, 10)
+    assert np.all(np.abs(kept - expected) < 5 * np.sqrt(expected * (1 - expected) / band_size)), kept
+
+
+def test_a_mask_larger_than_its_counters_is_refused():
+    from bmx.merge.drop_masks import MAX_MASK_ENTRIES, keyed_counter_bits
+
+    with pytest.raises(ValueError, match="more than the 4294967296"):
+        keyed_counter_bits(jax.random.key(0), (MAX_MASK_ENTRIES // 1024 + 1, 1024))
+
+
 def test_masks_do_not_depend_on_tensor_order_or_device():
     names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(6)]
     masks = SeededDropMasks(seed=11)
