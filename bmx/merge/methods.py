@@ -106,6 +106,29 @@ def kth_largest_magnitude(magnitudes: jax.Array, k: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type((bucket.astype(jnp.uint32) << 16) | rest.astype(jnp.uint32), jnp.float32)
 
 
+TIE_BLOCK = 4096  # entries per block when keeping the earliest tied entries (`earliest_set`)
+
+
+def earliest_set(flags: jax.Array, count: jax.Array) -> jax.Array:
+    """`flags & (jnp.cumsum(flags) <= count)` for a flat boolean array: the first `count` set flags.
+
+    Without a cumulative sum over the whole array (XLA:CPU's took most of a TIES tensor's time):
+    per-block counts find the one block where `count` runs out, blocks before it keep their flags,
+    blocks after it lose them, and only that block is summed cumulatively.
+    """
+    size = flags.size
+    blocks = -(-size // TIE_BLOCK)
+    padded = jnp.pad(flags, (0, blocks * TIE_BLOCK - size)).reshape(blocks, TIE_BLOCK)
+    through = jnp.cumsum(jnp.sum(padded, axis=1, dtype=jnp.int32))  # flags up to the end of each block
+    cut = jnp.sum(through <= count)  # blocks kept whole; the next one (if any) is cut inside
+    row = jax.lax.dynamic_index_in_dim(padded, jnp.minimum(cut, blocks - 1), keepdims=False)
+    before = jnp.where(cut > 0, through[jnp.maximum(cut - 1, 0)], 0)
+    row_kept = row & (jnp.cumsum(row, dtype=jnp.int32) <= count - before)
+    block = jnp.arange(blocks)[:, None]
+    kept = padded & ((block < cut) | ((block == cut) & row_kept[None, :]))
+    return kept.reshape(-1)[:size]
+
+
 @partial(jax.jit, static_argnames=("rescale",))
 def keep_largest(delta: jax.Array, keep_count: jax.Array, rescale: bool) -> jax.Array:
     """TIES sparsification: keep the `keep_count` entries of largest magnitude, zero the rest.
@@ -117,7 +140,7 @@ def keep_largest(delta: jax.Array, keep_count: jax.Array, rescale: bool) -> jax.
     threshold = kth_largest_magnitude(magnitudes, keep_count)
     above = magnitudes > threshold
     tied = magnitudes == threshold
-    tied_kept = tied & (jnp.cumsum(tied) <= keep_count - jnp.sum(above))
+    tied_kept = earliest_set(tied, keep_count - jnp.sum(above))
     keep = (above | tied_kept).reshape(delta.shape)
     return _masked_and_rescaled(delta, keep, rescale)
 
