@@ -7,7 +7,7 @@ import pytest
 from bmx.merge.methods import TIE_BLOCK, earliest_set, kth_largest_magnitude
 
 
-@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16", "float16"])
 def test_kth_largest_equals_the_sorted_entry(dtype):
     rng = np.random.default_rng(0)
     values = rng.standard_normal(5000).astype(np.float32)
@@ -17,6 +17,9 @@ def test_kth_largest_equals_the_sorted_entry(dtype):
     expected = np.sort(np.asarray(magnitudes))
     for k in [1, 2, 17, 1000, 4100, 4300, 4999, 5000]:
         assert kth_largest_magnitude(magnitudes, jnp.int32(k)) == expected[expected.size - k], k
+        if dtype != np.float32:  # 16-bit magnitudes as they are: one histogram of their bits, same entry
+            narrow = kth_largest_magnitude(magnitudes.astype(dtype), jnp.int32(k))
+            assert narrow.dtype == jnp.dtype(dtype) and float(narrow) == expected[expected.size - k], k
 
 
 @pytest.mark.parametrize("size", [1, TIE_BLOCK - 1, TIE_BLOCK, 3 * TIE_BLOCK + 77])
