@@ -90,11 +90,12 @@ def _highest_key_reaching(at_or_above: jax.Array, count: jax.Array) -> jax.Array
 
 
 def kth_largest_magnitude(magnitudes: jax.Array, k: jax.Array) -> jax.Array:
-    """`jnp.sort(magnitudes)[magnitudes.size - k]` for non-negative float32 or 16-bit magnitudes, without a sort.
+    """`jnp.sort(magnitudes)[magnitudes.size - k]` for non-negative float32 or 16-bit magnitudes, unsorted.
 
     Non-negative floats are ordered as their bit patterns, so the k-th largest is found by two 16-bit
     histograms (a radix select): the high half's bucket that holds it, then its low half within that
-    bucket; 16-bit magnitudes need only the one histogram of their bits. Linear in the size; XLA's CPU sort of a 7B MLP matrix (58.7M entries) takes ~28× longer.
+    bucket; 16-bit magnitudes need only the one histogram of their bits. Linear in the size; XLA's
+    CPU sort of a 7B MLP matrix (58.7M entries) takes ~28× longer.
     """
     if jnp.dtype(magnitudes.dtype).itemsize == 2:  # bfloat16 or float16: one histogram of the bits
         keys = jax.lax.bitcast_convert_type(magnitudes, jnp.uint16)
