@@ -51,9 +51,9 @@ def main() -> None:
             plain_s, expected = best_seconds(jax.jit(plain), stacked, repeats=args.repeats)
             ours_s, got = best_seconds(jax.jit(ours), stacked, repeats=args.repeats)
             # Same float32 sums in another order, one bfloat16 rounding: at most one bf16 step apart.
-            steps = np.abs(np.asarray(got, np.float32) - np.asarray(expected, np.float32)) / np.maximum(
+            relative = np.abs(np.asarray(got, np.float32) - np.asarray(expected, np.float32)) / np.maximum(
                 np.abs(np.asarray(expected, np.float32)), 1e-30)
-            rows.append((f"{name}, {inputs} × bf16", plain_s, ours_s, f"max relative difference {steps.max():.1e}"))
+            rows.append((f"{name}, {inputs} × bf16", plain_s, ours_s, f"max relative difference {relative.max():.1e}"))
     masks = SeededDropMasks(seed=0)
     key = tensor_key(0, "model.layers.0.mlp.up_proj.weight", 1)
     plain_s, reference = best_seconds(jax.jit(lambda k: jax.random.bernoulli(k, 0.5, shape)), key, repeats=args.repeats)

@@ -77,7 +77,7 @@ def keyed_counter_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("shape",))
 def _bernoulli(key: jax.Array, density: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """True with probability `density` (a number or an array broadcasting to `shape`), independently per entry."""
+    """True with probability `density` (a number or an array broadcasting to `shape`) at each entry."""
     density = jnp.broadcast_to(jnp.asarray(density, jnp.float32), shape)
     # bits < density * 2^32, computed in float32 (resolution 2^-24 of the density, finer than a
     # float32 uniform's 2^-23 in jax.random.bernoulli); a density of 1 or more keeps every entry.

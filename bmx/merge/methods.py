@@ -13,16 +13,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from bmx.merge.model_axis import sum_models
+from bmx.merge.model_axis import compute_dtype, sum_models
 
 SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are collinear, interpolate linearly
 SLERP_NORM_EPS = 1e-8
 RESCALE_EPS = 1e-7
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-    """Where mergekit upcasts: float64 stays float64, everything else runs in float32."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("normalize",))

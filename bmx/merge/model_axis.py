@@ -14,11 +14,16 @@ import jax
 import jax.numpy as jnp
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+    """Where mergekit upcasts: float64 stays float64, everything else runs in float32."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 def _accumulator(dtype) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
     if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer):
         return jnp.dtype(jnp.int32)
-    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+    return compute_dtype(dtype)
 
 
 def _total(stacked: jax.Array) -> jax.Array:
